@@ -1,0 +1,152 @@
+"""The ``vlat`` command: ``vlat train`` and ``vlat eval``.
+
+    vlat train --model clip --task itc --epochs 3 --out runs/clip
+    vlat eval --checkpoint runs/clip/model.safetensors --task classify
+
+Every option is explained by ``vlat train --help`` / ``vlat eval --help``. Errors in the arguments
+(an unknown model, a missing checkpoint, a corrupt file) end with one clear line, not a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+METHODS = {"clean": "vlat.train:clean_step"}  # the adversarial methods register here
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... or auto (cuda when available)")
+    p.add_argument("--eval-size", type=int, default=500, help="scenes per evaluation split (ID and each shift)")
+    p.add_argument("--seed", type=int, default=0, help="world and training seed; same seed, same run")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from vlat.world.datasets import TASKS
+
+    parser = argparse.ArgumentParser(prog="vlat", description="Adversarial and robust training of vision-language "
+                                     "models on the built-in toy world (or your own checkpoints).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model on a toy-world task",
+                       description="Train a model on a toy-world task with a progress bar; writes "
+                       "OUT/model.safetensors (weights + config), OUT/last.safetensors (resumable state) and "
+                       "OUT/history.json, then prints the ID and per-shift OOD table.")
+    t.add_argument("--model", default="clip", help="model family: single_stream or clip")
+    t.add_argument("--preset", default="tiny", help="size preset: tiny (about a minute on CPU), nano (seconds), "
+                   "base (single_stream, GPU)")
+    t.add_argument("--task", default=None, choices=TASKS,
+                   help="what to train on: itm (image-text matching), itc (contrastive), qa, tf (true/false), "
+                   "mlm; default: itm for single_stream, itc for clip")
+    t.add_argument("--method", default="clean", help=f"training step: {', '.join(METHODS)}")
+    t.add_argument("--epochs", type=int, default=3, help="passes over the training scenes")
+    t.add_argument("--train-size", type=int, default=4000, help="number of training scenes")
+    t.add_argument("--batch-size", type=int, default=64, help="examples per optimiser step")
+    t.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (warm-up then cosine)")
+    t.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
+    t.add_argument("--warmup", type=float, default=0.1, help="fraction of steps for linear warm-up")
+    t.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0 disables clipping)")
+    t.add_argument("--noise-rate", type=float, default=0.0, help="fraction of training captions replaced by noise")
+    t.add_argument("--amp", default="auto", choices=["auto", "off", "bf16", "fp16"],
+                   help="mixed precision: auto = bf16 (fp16 if unsupported) on CUDA, off on CPU")
+    t.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (smoke runs)")
+    t.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: at each epoch end)")
+    t.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: at each epoch end)")
+    t.add_argument("--out", default="runs/latest", help="output folder")
+    t.add_argument("--resume", default=None, help="continue from OUT/last.safetensors of an interrupted run")
+    t.add_argument("--model-overrides", default="{}", help='JSON of config fields to change, e.g. \'{"patch_size": 8}\'')
+    t.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    _add_common(t)
+
+    e = sub.add_parser("eval", help="evaluate a checkpoint, ID and per shift",
+                       description="Evaluate a saved model on the toy world's ID test split and each OOD shift.")
+    e.add_argument("--checkpoint", required=True, help="a model.safetensors written by vlat train")
+    e.add_argument("--task", default=None, choices=TASKS,
+                   help="task to score: accuracy for itm/qa/tf/classify, TR@1 for itc; default: itm for "
+                   "single_stream, classify (zero-shot) for clip")
+    e.add_argument("--shifts", default="all", help="comma-separated shifts, 'all' or 'none'")
+    e.add_argument("--json", default=None, help="also write the table to this JSON file")
+    _add_common(e)
+    return parser
+
+
+def _resolve_method(name: str):
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
+    mod, fn = METHODS[name].split(":")
+    import importlib
+
+    return getattr(importlib.import_module(mod), fn)
+
+
+def cmd_train(a) -> int:
+    import torch
+
+    from vlat.evaluate import PRIMARY_TASK, evaluate_task, markdown_table, ood_table
+    from vlat.models import build_model, model_tokenizer, save_model
+    from vlat.train import TrainConfig, train
+    from vlat.world import Collator, WorldDataset
+
+    task = a.task or {"single_stream": "itm", "clip": "itc"}.get(a.model, "itm")
+    step = _resolve_method(a.method)
+    torch.manual_seed(a.seed)
+    model = build_model(a.model, a.preset, **json.loads(a.model_overrides))
+    model.check_task(task)
+    data = WorldDataset(task, "train", a.train_size, a.seed, noise_rate=a.noise_rate, image_size=model.config.image_size)
+    tok = model_tokenizer(model)
+    eval_task = PRIMARY_TASK[model.kind] if task == "itc" and model.kind == "clip" else task
+    cfg = TrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, weight_decay=a.weight_decay,
+                      warmup_frac=a.warmup, grad_clip=a.grad_clip, seed=a.seed, eval_every=a.eval_every,
+                      save_every=a.save_every, amp=a.amp, device=a.device, out_dir=a.out, max_steps=a.max_steps,
+                      progress=not a.no_progress)
+    metric = "TR@1" if eval_task == "itc" else "accuracy"
+
+    def eval_fn(m):
+        return {f"val_{metric}": evaluate_task(m, eval_task, "val", min(a.eval_size, 300), a.seed, None, tok)[metric]}
+
+    state = train(model, task, data, cfg, step_fn=step, collate_fn=Collator(tok, task), eval_fn=eval_fn,
+                  resume=a.resume)
+    out = Path(a.out)
+    save_model(model, out / "model.safetensors", task=task, method=a.method, train_size=a.train_size,
+               epochs=a.epochs, seed=a.seed)
+    print(f"trained {state.step} steps in {state.seconds:.1f} s ({state.skipped} skipped); saved {out / 'model.safetensors'}")
+    table = ood_table(model, eval_task, a.eval_size, a.seed, tokenizer=tok)
+    print(markdown_table({f"{a.model} {task}->{eval_task} ({metric})": table}))
+    return 0
+
+
+def cmd_eval(a) -> int:
+    from vlat.evaluate import PRIMARY_TASK, markdown_table, ood_table
+    from vlat.models import load_model, model_tokenizer
+    from vlat.train import resolve_device
+    from vlat.world.scenes import SHIFTS
+
+    model = load_model(a.checkpoint).to(resolve_device(a.device))
+    task = a.task or PRIMARY_TASK[model.kind]
+    if task not in model.tasks and task != "itc":  # retrieval (itc) works for every model
+        raise ValueError(f"a {model.kind} model cannot be scored on {task!r}; it supports {', '.join(model.tasks)}")
+    shifts = SHIFTS if a.shifts == "all" else () if a.shifts == "none" else tuple(a.shifts.split(","))
+    for s in shifts:
+        if s not in SHIFTS:
+            raise ValueError(f"unknown shift {s!r}; choose from {', '.join(SHIFTS)}")
+    table = ood_table(model, task, a.eval_size, a.seed, shifts=shifts, tokenizer=model_tokenizer(model))
+    metric = "TR@1" if task == "itc" else "accuracy"
+    print(markdown_table({f"{Path(a.checkpoint).name} {task} ({metric})": table}))
+    if a.json:
+        Path(a.json).write_text(json.dumps(table, indent=1))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return {"train": cmd_train, "eval": cmd_eval}[args.command](args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"vlat {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""Clean, retrieval and out-of-distribution metrics.
+
+- :func:`accuracy`: classification accuracy of a task head (``itm`` accuracy is this on ITM pairs);
+- :func:`retrieval`: text retrieval (TR@k, image -> caption) and image retrieval (IR@k, caption ->
+  image) over a gallery of N images with one caption each. Captions in the toy world are often true
+  of several images ("a small red circle"), so a hit is any retrieved item of which the caption is
+  **true** (known exactly from the scene's claims), the multi-positive reading used for COCO's five
+  captions per image;
+- :func:`ood_table`: one metric on the ID test split and on every shift.
+
+The ``evaluate`` functions take a model in eval mode and never change its parameters.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import DataLoader
+
+import vlat.world.captions as C
+from vlat.models.base import VLModel
+from vlat.train import resolve_device, to_device
+from vlat.world.datasets import Collator, WorldDataset, encode_text
+from vlat.world.scenes import SHIFTS
+
+PRIMARY_TASK = {"single_stream": "itm", "clip": "classify"}
+
+
+@torch.no_grad()
+def accuracy(model: VLModel, dataset, task: str, tokenizer=None, batch_size: int = 256, device=None) -> float:
+    """Fraction of items whose arg-max logit equals the label."""
+    from vlat.models import model_tokenizer
+
+    device = device or model.device
+    tokenizer = tokenizer or model_tokenizer(model)
+    collate = Collator(tokenizer, task, paraphrase_prompts=getattr(dataset, "paraphrase", False))
+    correct = total = 0
+    was_training = model.training
+    model.eval()
+    for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=collate):
+        batch = to_device(batch, device)
+        out = model(batch, task)
+        correct += int((out.logits.argmax(-1) == out.labels).sum())
+        total += len(out.labels)
+    model.train(was_training)
+    return correct / max(1, total)
+
+
+def truth_matrix(scenes, claims) -> torch.Tensor:
+    """``[N_images, N_captions]`` booleans: is caption j true of image i."""
+    return torch.tensor([[C.holds(s, c) for c in claims] for s in scenes], dtype=torch.bool)
+
+
+@torch.no_grad()
+def similarity(model: VLModel, pixels: torch.Tensor, texts: list[str], tokenizer, batch_size: int = 256) -> torch.Tensor:
+    """Image-text scores ``[N_images, N_texts]``: cosine similarity (CLIP) or ITM log-odds (single stream,
+    one joint forward per pair, batched)."""
+    device = model.device
+    enc = encode_text(tokenizer, texts)
+    if hasattr(model, "image_features"):
+        img = torch.cat([model.image_features(pixels[i:i + batch_size].to(device))[0]
+                         for i in range(0, len(pixels), batch_size)])
+        txt = torch.cat([model.text_features(enc["input_ids"][i:i + batch_size].to(device),
+                                             enc["attention_mask"][i:i + batch_size].to(device))[0]
+                         for i in range(0, len(texts), batch_size)])
+        return (img @ txt.t()).cpu()
+    n, m = len(pixels), len(texts)
+    ii, tt = torch.meshgrid(torch.arange(n), torch.arange(m), indexing="ij")
+    ii, tt = ii.flatten(), tt.flatten()
+    scores = []
+    for k in range(0, n * m, batch_size):
+        i, t = ii[k:k + batch_size], tt[k:k + batch_size]
+        batch = {"pixel_values": pixels[i], "input_ids": enc["input_ids"][t], "attention_mask": enc["attention_mask"][t]}
+        scores.append(model.match_scores(to_device(batch, device)).cpu())
+    return torch.cat(scores).view(n, m)
+
+
+def recall_at_k(scores: torch.Tensor, truth: torch.Tensor, ks=(1, 5, 10)) -> dict[str, float]:
+    """TR@k over rows (image -> texts) and IR@k over columns (text -> images), multi-positive."""
+    out = {}
+    for k in ks:
+        k_ = min(k, scores.shape[1])
+        top = scores.topk(k_, dim=1).indices                                 # [N, k] best captions per image
+        out[f"TR@{k}"] = float(truth.gather(1, top).any(1).float().mean())
+        k_ = min(k, scores.shape[0])
+        top = scores.t().topk(k_, dim=1).indices                             # [M, k] best images per caption
+        out[f"IR@{k}"] = float(truth.t().gather(1, top).any(1).float().mean())
+    return out
+
+
+@torch.no_grad()
+def retrieval(model: VLModel, dataset: WorldDataset, tokenizer=None, ks=(1, 5, 10), caption_kind: str = "rel") -> dict:
+    """Recall@k with one caption per image: the first relational caption where the scene has one
+    (the most specific), else its full object description."""
+    from vlat.models import model_tokenizer
+
+    tokenizer = tokenizer or model_tokenizer(model)
+    claims = []
+    for s in dataset.scenes:
+        cs = C.true_claims(s)
+        rel = [c for c in cs if c[0] == "rel"]
+        claims.append(rel[0] if (rel and caption_kind == "rel") else cs[0])
+    texts = [C.caption_text(c, dataset.paraphrase) for c in claims]
+    was_training = model.training
+    model.eval()
+    scores = similarity(model, dataset.images.float() / 255.0, texts, tokenizer)
+    model.train(was_training)
+    return recall_at_k(scores, truth_matrix(dataset.scenes, claims), ks)
+
+
+def evaluate_task(model: VLModel, task: str, split: str = "test", size: int = 500, seed: int = 0,
+                  shift: str | None = None, tokenizer=None) -> dict[str, float]:
+    """The task's metrics on one split/shift of the toy world."""
+    if task == "itc":
+        return retrieval(model, WorldDataset("itc", split, size, seed, shift), tokenizer)
+    return {"accuracy": accuracy(model, WorldDataset(task, split, size, seed, shift), task, tokenizer)}
+
+
+def ood_table(model: VLModel, task: str, size: int = 500, seed: int = 0, shifts=SHIFTS, metric: str | None = None,
+              tokenizer=None) -> dict[str, float]:
+    """``{"id": m, shift: m, ..., "ood_mean": m}`` for one metric (accuracy, or TR@1 for ``itc``)."""
+    metric = metric or ("TR@1" if task == "itc" else "accuracy")
+    row = {"id": evaluate_task(model, task, "test", size, seed, None, tokenizer)[metric]}
+    for s in shifts:
+        row[s] = evaluate_task(model, task, "test", size, seed, s, tokenizer)[metric]
+    if shifts:
+        row["ood_mean"] = sum(row[s] for s in shifts) / len(shifts)
+    return row
+
+
+def markdown_table(rows: dict[str, dict[str, float]], digits: int = 3) -> str:
+    """``{row name: {column: value}}`` as a Markdown table (columns from the first row)."""
+    cols = list(next(iter(rows.values())))
+    lines = ["| | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for name, row in rows.items():
+        lines.append(f"| {name} | " + " | ".join(f"{row[c]:.{digits}f}" if isinstance(row[c], float) else str(row[c])
+                                                for c in cols) + " |")
+    return "\n".join(lines)
+
+
+__all__ = ["accuracy", "evaluate_task", "markdown_table", "ood_table", "recall_at_k", "retrieval", "similarity",
+           "truth_matrix", "resolve_device"]

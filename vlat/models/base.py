@@ -1,0 +1,149 @@
+"""The contract between models and methods.
+
+A method (FGM, PGD, FreeLB, VILLA, ...) never knows which model it trains. It asks the model for its
+**perturbation sites**, creates a δ per site with :meth:`PerturbationSite.shape`, multiplies it by
+:meth:`PerturbationSite.mask` (so padding is never perturbed), and runs the task with
+:func:`perturbed`, which adds δ to the site module's output through a forward hook. The task's
+``loss`` and ``logits`` come back in a :class:`TaskOutput`; the gradient w.r.t. δ is then ordinary
+autograd. Hooks work on third-party Hugging Face modules too, which is why sites are modules.
+
+Sites (METHODS.md §1):
+
+- ``text``: output of the word (token) embedding, before position embeddings, ``[B, L, D]``;
+- ``image``: region/patch features before the image projection (single-stream), or the ViT patch
+  embedding output (CLIP) ``[B, D, h, w]``;
+- ``pixels``: pixel values in [0, 1] before normalisation, ``[B, 3, H, W]``; ``x + δ`` is clamped to [0, 1].
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+
+@dataclass
+class TaskOutput:
+    """What a model returns for a batch and a task.
+
+    ``logits`` ``[B, C]`` (or ``[B, L, V]`` for MLM); ``loss`` a scalar, averaged over the batch;
+    ``labels`` the targets the loss used; ``attentions`` a tuple of ``[B, heads, T, T]`` per layer when
+    requested (``None`` otherwise).
+    """
+
+    loss: torch.Tensor
+    logits: torch.Tensor
+    labels: torch.Tensor | None = None
+    attentions: tuple | None = None
+    extras: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PerturbationSite:
+    """A named place where δ is added.
+
+    Attributes:
+        name: ``text`` / ``image`` / ``pixels``.
+        modality: ``text`` or ``image`` (VILLA chooses sites by modality).
+        module: the module whose output receives δ (hooked by :func:`perturbed`).
+        shape: ``batch -> shape of δ`` (the module's output shape for that batch).
+        mask: ``batch -> tensor`` broadcastable to δ, 1 where perturbing is allowed, 0 on padding.
+        token_axes: how to view δ as ``[B, N, D]`` tokens: ``"BND"`` (already) or ``"BDHW"``
+            (a conv feature map whose ``h*w`` positions are the tokens) or ``"BCHW"`` (pixels: each pixel
+            a token with C channels).
+        clamp: value range of ``x + δ`` (pixels: ``(0, 1)``), or ``None``.
+    """
+
+    name: str
+    modality: str
+    module: nn.Module
+    shape: Callable[[dict], tuple]
+    mask: Callable[[dict], torch.Tensor]
+    token_axes: str = "BND"
+    clamp: tuple[float, float] | None = None
+
+    def tokens(self, t: torch.Tensor) -> torch.Tensor:
+        """View a δ-shaped tensor as ``[B, N, D]`` (tokens first) for per-token norms and plots."""
+        if self.token_axes == "BND":
+            return t
+        return t.flatten(2).transpose(1, 2)  # [B, D, h, w] -> [B, h*w, D]
+
+
+def _add_delta(site: PerturbationSite, delta: torch.Tensor, mask: torch.Tensor):
+    def hook(module, args, output):
+        d = (delta * mask).to(output.dtype)  # δ stays fp32 for the method; the sum follows autocast
+        out = output + d
+        if site.clamp is not None:
+            out = out.clamp(*site.clamp)
+        return out
+
+    return hook
+
+
+@contextlib.contextmanager
+def perturbed(model: "VLModel", deltas: dict[str, torch.Tensor] | None, batch: dict) -> Iterator[None]:
+    """Within the block, every forward of ``model`` adds ``deltas[name] * mask`` at each named site.
+
+    >>> with perturbed(model, {"text": delta}, batch):   # doctest: +SKIP
+    ...     out = model(batch, "itm")
+    """
+    handles = []
+    try:
+        for name, delta in (deltas or {}).items():
+            site = model.perturbation_sites()[name]
+            expected = tuple(site.shape(batch))
+            if tuple(delta.shape) != expected:
+                raise ValueError(f"delta for site {name!r} has shape {tuple(delta.shape)}, expected {expected}")
+            mask = site.mask(batch).to(delta.device)
+            handles.append(site.module.register_forward_hook(_add_delta(site, delta, mask)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+class VLModel(nn.Module):
+    """Base class of vlat's models: one ``forward(batch, task)`` and named perturbation sites.
+
+    Subclasses set ``tasks`` and implement :meth:`forward` and :meth:`perturbation_sites`; they may
+    implement :meth:`layer_one` (the first block, used by YOPO).
+    """
+
+    tasks: tuple[str, ...] = ()
+    kind: str = ""
+
+    def perturbation_sites(self) -> dict[str, PerturbationSite]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def check_task(self, task: str) -> None:
+        if task not in self.tasks:
+            raise ValueError(f"{type(self).__name__} has no task {task!r}; it supports {', '.join(self.tasks)}")
+
+    def check_pixels(self, pixels: torch.Tensor) -> None:
+        """Refuse images of the wrong mode or size with a message that says what was expected."""
+        size = self.config.image_size
+        if pixels.dim() != 4 or pixels.shape[1] != 3:
+            got = tuple(pixels.shape)
+            hint = " (grayscale? convert to RGB)" if pixels.dim() == 4 and pixels.shape[1] == 1 else \
+                " (RGBA? drop or composite the alpha channel)" if pixels.dim() == 4 and pixels.shape[1] == 4 else ""
+            raise ValueError(f"pixel_values must be [B, 3, {size}, {size}] RGB in [0, 1]; got shape {got}{hint}")
+        if tuple(pixels.shape[2:]) != (size, size):
+            raise ValueError(f"pixel_values must be {size}x{size}; got {pixels.shape[2]}x{pixels.shape[3]} "
+                             f"(resize with vlat.world.folder.image_to_tensor)")
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+
+def text_mask(key: str = "attention_mask") -> Callable[[dict], torch.Tensor]:
+    """Mask of a token site: the batch's attention mask as ``[B, L, 1]`` floats."""
+    return lambda batch: batch[key].unsqueeze(-1).float()
+
+
+def full_mask(ndim: int, batch_key: str = "pixel_values") -> Callable[[dict], torch.Tensor]:
+    """Mask of a site with no padding: ones ``[B, 1, ..., 1]`` with ``ndim`` axes, broadcasting over δ."""
+    return lambda batch: torch.ones((batch[batch_key].shape[0],) + (1,) * (ndim - 1), device=batch[batch_key].device)

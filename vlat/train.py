@@ -1,0 +1,296 @@
+"""One training loop; the method is a step function plugged into it.
+
+The loop owns data order, the optimiser (AdamW), the schedule (linear warm-up, cosine decay),
+autocast, evaluation, checkpoints and resumption. It knows nothing of FGM or FreeLB: a **step
+function** ``step_fn(ctx, batch) -> loss`` performs one batch's whole update through the
+:class:`StepContext` it is handed, which offers ``ctx.forward`` (autocast on CUDA), ``ctx.backward``
+(loss scaling when fp16) and ``ctx.optimizer_step`` (unscale, clip, guard, step). A clean step is:
+
+>>> def clean_step(ctx, batch):                     # doctest: +SKIP
+...     out = ctx.forward(batch)
+...     ctx.backward(out.loss)
+...     ctx.optimizer_step(out.loss)
+...     return out.loss.detach()
+
+A method that replays a batch (FreeAT) simply calls ``ctx.optimizer_step`` several times.
+
+**Exact resume.** Data order is a permutation drawn from ``(seed, epoch)``; per-item randomness
+depends on ``(seed, epoch, index)`` (see :class:`vlat.world.WorldDataset`); a checkpoint stores the
+model, optimiser, schedule, step counters and the torch RNG state. Resuming from step k therefore
+reproduces steps k+1.. of the uninterrupted run exactly (a test checks loss equality).
+
+**Non-finite guard.** If a loss or the gradient norm is not finite the update is skipped, gradients
+are cleared and ``state.skipped`` counts it; the run goes on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch.utils.data import DataLoader
+
+from vlat.checkpoint import load_tensors, read_header, save_tensors
+from vlat.models.base import TaskOutput, VLModel
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 3                 # passes over the training set
+    batch_size: int = 64            # examples per optimiser step
+    lr: float = 1e-3                # peak AdamW learning rate (tiny models like it high)
+    weight_decay: float = 0.01      # AdamW decoupled weight decay (not on biases / norms)
+    warmup_frac: float = 0.1        # fraction of all steps spent warming up linearly from 0
+    grad_clip: float = 1.0          # max global gradient norm (0 = no clipping)
+    seed: int = 0                   # model init, data order, dropout
+    eval_every: int = 0             # steps between evaluations (0 = at the end of each epoch only)
+    save_every: int = 0             # steps between checkpoints (0 = at the end of each epoch only)
+    amp: str = "auto"               # auto: bf16 (or fp16 + scaler) on CUDA, off on CPU; or bf16/fp16/off
+    device: str = "auto"            # auto: cuda if available else cpu
+    out_dir: str | None = None      # where checkpoints and history.json go (None: nowhere)
+    max_steps: int | None = None    # stop early after this many steps (for tests and smoke runs)
+    progress: bool = True           # tqdm progress bar
+
+
+@dataclass
+class TrainState:
+    step: int = 0                   # optimiser steps taken (global)
+    epoch: int = 0                  # current epoch
+    batch_in_epoch: int = 0         # batches of the current epoch already consumed
+    skipped: int = 0                # updates skipped by the non-finite guard
+    losses: list = field(default_factory=list)     # loss of every batch, in order
+    evals: list = field(default_factory=list)      # {"step": .., metric: ..} per evaluation
+    seconds: float = 0.0            # wall-clock time spent training
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+class StepContext:
+    """What a step function may use: the model, its task, and the update primitives."""
+
+    def __init__(self, model: VLModel, task: str, optimizer, scheduler, config: TrainConfig, device, state):
+        self.model, self.task, self.optimizer, self.scheduler = model, task, optimizer, scheduler
+        self.config, self.device, self.state = config, device, state
+        amp = config.amp
+        if amp == "auto":
+            amp = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.type == "cuda" else "off"
+        if amp not in ("off", "bf16", "fp16"):
+            raise ValueError(f"amp must be auto, off, bf16 or fp16; got {config.amp!r}")
+        self.amp_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+        self.scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def forward(self, batch: dict, task: str | None = None, **kw) -> TaskOutput:
+        with self.autocast():
+            return self.model(batch, task or self.task, **kw)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def unscale(self) -> None:
+        """Bring parameter gradients back to true scale (fp16) before reading or clipping them."""
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+
+    def optimizer_step(self, loss: torch.Tensor | None = None) -> bool:
+        """Clip and apply the accumulated gradients; skip (and count) if anything is non-finite."""
+        self.unscale()
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        clip = self.config.grad_clip if self.config.grad_clip > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, clip) if params else torch.zeros(())
+        finite = bool(torch.isfinite(norm)) and (loss is None or bool(torch.isfinite(loss.detach())))
+        if not finite and self.scaler is None:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.state.skipped += 1
+            return False
+        if self.scaler is not None:  # the scaler skips inf steps itself and lowers its scale
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            if loss is not None and not bool(torch.isfinite(loss.detach())):
+                self.state.skipped += 1
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return finite
+
+
+def clean_step(ctx: StepContext, batch: dict) -> torch.Tensor:
+    """Ordinary training: one forward, one backward, one update (1 pass)."""
+    out = ctx.forward(batch)
+    ctx.backward(out.loss)
+    ctx.optimizer_step(out.loss)
+    return out.loss.detach()
+
+
+def make_optimizer(model: VLModel, config: TrainConfig, total_steps: int):
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
+    warm = max(1, int(config.warmup_frac * total_steps))
+
+    def schedule(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total_steps - warm))))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def save_train_checkpoint(path: Path, model, optimizer, scheduler, scaler, state: TrainState, config, task) -> None:
+    """Everything needed to continue exactly, in one safetensors file (no pickle)."""
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    opt = optimizer.state_dict()
+    for idx, st in opt["state"].items():
+        for k, v in st.items():
+            tensors[f"optim.{idx}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+    tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    meta = {
+        "train_state": json.dumps(asdict(state)),
+        "train_config": json.dumps(asdict(config)),
+        "task": task,
+        "param_groups": json.dumps(opt["param_groups"]),
+        "scheduler": json.dumps(scheduler.state_dict()["last_epoch"]),
+        "scaler": json.dumps(scaler.state_dict() if scaler is not None else None),
+    }
+    from vlat.models import checkpoint_metadata
+
+    meta.update(checkpoint_metadata(model, task=task))
+    save_tensors(tensors, path, meta)
+
+
+def load_train_checkpoint(path: Path, model, optimizer, scheduler, scaler) -> TrainState:
+    meta = read_header(path)
+    if "train_state" not in meta:
+        raise ValueError(f"{path}: not a training checkpoint (no train_state); use load_model for weights only")
+    t = load_tensors(path)
+    model.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("model.")})
+    opt = {"state": {}, "param_groups": json.loads(meta["param_groups"])}
+    for k, v in t.items():
+        if k.startswith("optim."):
+            _, idx, name = k.split(".", 2)
+            opt["state"].setdefault(int(idx), {})[name] = v
+    optimizer.load_state_dict(opt)
+    scheduler.last_epoch = json.loads(meta["scheduler"])
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+    if scaler is not None and json.loads(meta["scaler"]) is not None:
+        scaler.load_state_dict(json.loads(meta["scaler"]))
+    torch.set_rng_state(t["rng.torch"])
+    if "rng.cuda" in t and torch.cuda.is_available():
+        torch.cuda.set_rng_state(t["rng.cuda"])
+    return TrainState(**json.loads(meta["train_state"]))
+
+
+def train(model: VLModel, task: str, train_data, config: TrainConfig | None = None,
+          step_fn: Callable = clean_step, collate_fn=None, eval_fn: Callable | None = None,
+          resume: str | Path | None = None) -> TrainState:
+    """Train ``model`` on ``task`` over ``train_data`` (a map-style dataset) with ``step_fn``.
+
+    Args:
+        collate_fn: turns a list of items into a batch (e.g. :class:`vlat.world.Collator`).
+        eval_fn: ``model -> dict of metrics``, called every ``eval_every`` steps and after each epoch.
+        resume: a checkpoint written by this loop; training continues where it stopped.
+
+    Returns the final :class:`TrainState` (losses, evaluations, skipped count, time).
+    """
+    config = config or TrainConfig()
+    model.check_task(task)
+    device = resolve_device(config.device)
+    torch.manual_seed(config.seed)
+    model.to(device)
+    n = len(train_data)
+    per_epoch = math.ceil(n / config.batch_size)
+    total = per_epoch * config.epochs if config.max_steps is None else min(config.max_steps, per_epoch * config.epochs)
+    optimizer, scheduler = make_optimizer(model, config, total)
+    state = TrainState()
+    ctx = StepContext(model, task, optimizer, scheduler, config, device, state)
+    if resume is not None:
+        state = load_train_checkpoint(Path(resume), model, optimizer, scheduler, ctx.scaler)
+        ctx.state = state
+    out_dir = Path(config.out_dir) if config.out_dir else None
+
+    def checkpoint():
+        if out_dir is not None:
+            save_train_checkpoint(out_dir / "last.safetensors", model, optimizer, scheduler, ctx.scaler, state,
+                                  config, task)
+            (out_dir / "history.json").write_text(json.dumps(asdict(state), indent=1))
+
+    def evaluate():
+        if eval_fn is not None:
+            model.eval()
+            with torch.no_grad():
+                metrics = eval_fn(model)
+            model.train()
+            state.evals.append({"step": state.step, **metrics})
+            return metrics
+        return {}
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, initial=state.step, disable=not config.progress, desc=f"train {task}", unit="step")
+    t0 = time.perf_counter() - state.seconds
+    model.train()
+    while state.epoch < config.epochs and state.step < total:
+        if hasattr(train_data, "set_epoch"):
+            train_data.set_epoch(state.epoch)
+        order = epoch_order(n, config.seed, state.epoch)
+        starts = range(state.batch_in_epoch * config.batch_size, n, config.batch_size)
+        for start in starts:
+            if state.step >= total:
+                break
+            items = [train_data[i] for i in order[start:start + config.batch_size]]
+            batch = to_device(collate_fn(items) if collate_fn else items, device)
+            loss = step_fn(ctx, batch)
+            scheduler.step()
+            state.step += 1
+            state.batch_in_epoch += 1
+            state.losses.append(float(loss))
+            bar.update(1)
+            bar.set_postfix(loss=f"{state.losses[-1]:.4f}", epoch=state.epoch)
+            state.seconds = time.perf_counter() - t0
+            if config.eval_every and state.step % config.eval_every == 0:
+                bar.set_postfix(loss=f"{state.losses[-1]:.4f}", **{k: f"{v:.3f}" for k, v in evaluate().items()})
+            if config.save_every and state.step % config.save_every == 0:
+                checkpoint()
+        else:
+            state.epoch += 1
+            state.batch_in_epoch = 0
+            state.seconds = time.perf_counter() - t0
+            if not config.eval_every or state.step % config.eval_every:
+                metrics = evaluate()
+                if metrics:
+                    bar.write(f"epoch {state.epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            checkpoint()
+            continue
+        break
+    bar.close()
+    state.seconds = time.perf_counter() - t0
+    model.eval()
+    return state

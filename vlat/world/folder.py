@@ -1,0 +1,116 @@
+"""Image-text pairs on disk: a folder of PNG/JPEG images plus one ``captions.jsonl``.
+
+Format (the one ``data_samples/pairs/`` ships in, and the one your own data can use)::
+
+    my_pairs/
+      captions.jsonl        # one JSON object per line
+      images/00000.png      # any RGB-convertible image; paths are relative to the folder
+
+    {"image": "images/00000.png", "captions": ["a small red circle", "one objects"],
+     "split": "test", "shift": null, "objects": [{"shape": "circle", "colour": "red", ...}]}
+
+Only ``image`` and ``captions`` (a non-empty list of non-empty strings) are required; ``split``,
+``shift`` and ``objects`` are metadata that toy-world exports carry. Grayscale and RGBA images are
+converted to RGB (RGBA composited on white) and other sizes are resized to ``image_size`` with a
+bicubic filter, so a photo of your own works; an unreadable file or a malformed line raises an error
+naming the file and line.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from vlat.world.scenes import Obj
+
+
+def load_image(path: str | Path, image_size: int = 64) -> torch.Tensor:
+    """Read an image file as a float tensor ``[3, image_size, image_size]`` in [0, 1]."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return image_to_tensor(im, image_size)
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"{path}: not a readable image ({e})") from None
+
+
+def image_to_tensor(im, image_size: int = 64) -> torch.Tensor:
+    """PIL image (any mode) -> ``[3, S, S]`` float in [0, 1]: RGBA over white, L/P/CMYK to RGB, resized."""
+    from PIL import Image
+
+    if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
+        im = im.convert("RGBA")
+        white = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(white, im)
+    im = im.convert("RGB")
+    if im.size != (image_size, image_size):
+        im = im.resize((image_size, image_size), Image.BICUBIC)
+    return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
+
+
+class FolderDataset(Dataset):
+    """Pairs from a folder in the format above. Items follow :class:`WorldDataset`'s ``itc`` layout
+    (``pixel_values``, ``text`` = the first caption, ``label`` = the image index) so the same collate
+    and evaluation code serve both."""
+
+    def __init__(self, root: str | Path, image_size: int = 64, split: str | None = None):
+        self.root = Path(root)
+        index = self.root / "captions.jsonl"
+        if not index.is_file():
+            raise FileNotFoundError(f"{index} not found: a pairs folder needs a captions.jsonl (see vlat.world.folder)")
+        self.records = []
+        for n, line in enumerate(index.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{index}:{n}: not valid JSON ({e.msg})") from None
+            caps = rec.get("captions")
+            if "image" not in rec or not isinstance(caps, list) or not caps or \
+                    not all(isinstance(c, str) and c.strip() for c in caps):
+                raise ValueError(f"{index}:{n}: each line needs \"image\" and a non-empty list of non-empty \"captions\"")
+            if split is None or rec.get("split") == split:
+                self.records.append(rec)
+        if not self.records:
+            raise ValueError(f"{index}: no pairs" + (f" in split {split!r}" if split else ""))
+        self.images = torch.stack([load_image(self.root / r["image"], image_size) for r in self.records])
+        self.captions = [r["captions"] for r in self.records]
+        self.scenes = [tuple(Obj(**o) for o in r["objects"]) if r.get("objects") else None for r in self.records]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"pixel_values": self.images[i], "text": self.captions[i][0], "label": i, "index": i}
+
+
+def write_folder(root: str | Path, per_split: dict[str, int], seed: int = 1234, image_size: int = 64) -> int:
+    """Export toy-world pairs (PNG + captions.jsonl) for ID and every shift; returns the pair count.
+
+    ``per_split`` maps a shift name (or ``"id"``) to a number of scenes, e.g. ``{"id": 200, "sketch": 20}``.
+    """
+    from PIL import Image
+
+    from vlat.world.datasets import WorldDataset
+
+    root = Path(root)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    lines, k = [], 0
+    for name, n in per_split.items():
+        shift = None if name == "id" else name
+        ds = WorldDataset("itc", split="test", size=n, seed=seed, shift=shift, image_size=image_size)
+        for i in range(n):
+            rel = f"images/{k:05d}.png"
+            Image.fromarray(ds.images[i].permute(1, 2, 0).numpy()).save(root / rel, optimize=True)
+            lines.append(json.dumps({"image": rel, "captions": ds.captions[i], "split": "test", "shift": shift,
+                                     "objects": [o.__dict__ for o in ds.scenes[i]]}))
+            k += 1
+    (root / "captions.jsonl").write_text("\n".join(lines) + "\n")
+    return k
