@@ -69,7 +69,8 @@ def read_metadata(path: str | Path) -> dict:
 
 
 def load_model(path: str | Path, map_location: str = "cpu") -> VLModel:
-    """Rebuild a model from a :func:`save_model` file (no pickle), with a clear error if it is damaged."""
+    """Rebuild a model from a :func:`save_model` file or a training checkpoint (no pickle), with a clear
+    error if the file is damaged."""
     from vlat.checkpoint import load_tensors
 
     info = read_metadata(path)
@@ -82,6 +83,8 @@ def load_model(path: str | Path, map_location: str = "cpu") -> VLModel:
             cfg[k] = tuple(cfg[k])
     model = cls(cfg_cls(**cfg))
     state = load_tensors(path, map_location)
+    if any(k.startswith("model.") for k in state):  # a resumable training checkpoint: take the weights
+        state = {k[6:]: v for k, v in state.items() if k.startswith("model.")}
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"{path}: weights do not fit a {info['kind']} model "

@@ -1,0 +1,145 @@
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import make_batch
+from vlat.cli import main as vlat
+from vlat.evaluate import recall_at_k
+from vlat.models import build_model, load_model
+from vlat.train import TrainConfig, clean_step, make_optimizer, train
+from vlat.world import Collator, WorldDataset
+
+
+def _run(tmp_path, tok, **kw):
+    torch.manual_seed(0)
+    model = build_model("single_stream", "nano")
+    data = WorldDataset("itm", size=48)
+    cfg = TrainConfig(epochs=3, batch_size=16, lr=1e-3, out_dir=str(tmp_path), progress=False, **kw)
+    return model, data, cfg
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, tok):
+    model, data, cfg = _run(tmp_path / "full", tok)
+    full = train(model, "itm", data, cfg, collate_fn=Collator(tok, "itm"))
+    assert len(full.losses) == 9
+    # the same run crashes during step 5 (mid-epoch 2) after a checkpoint at step 4 ...
+    model, data, cfg = _run(tmp_path / "part", tok, save_every=4)
+    calls = {"n": 0}
+
+    def crashing_step(ctx, batch):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return clean_step(ctx, batch)
+
+    with pytest.raises(KeyboardInterrupt):
+        train(model, "itm", data, cfg, step_fn=crashing_step, collate_fn=Collator(tok, "itm"))
+    # ... and is resumed in a fresh process-like setting: new model, new data, scrambled global RNG
+    model2, data2, cfg2 = _run(tmp_path / "part", tok)
+    torch.manual_seed(123)
+    resumed = train(model2, "itm", data2, cfg2, collate_fn=Collator(tok, "itm"),
+                    resume=tmp_path / "part" / "last.safetensors")
+    assert resumed.losses == full.losses  # exact, not approximately
+    b = make_batch("itm")
+    final = load_model(tmp_path / "full" / "last.safetensors")
+    assert torch.equal(final(b, "itm").logits, model2.eval()(b, "itm").logits)
+
+
+def test_non_finite_batches_are_skipped_and_counted(tmp_path, tok):
+    model, data, cfg = _run(tmp_path, tok, max_steps=5)
+    calls = {"n": 0}
+
+    def step(ctx, batch):
+        calls["n"] += 1
+        out = ctx.forward(batch)
+        loss = out.loss * (float("nan") if calls["n"] in (2, 4) else 1.0)
+        ctx.backward(loss)
+        ctx.optimizer_step(loss)
+        return loss.detach()
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    state = train(model, "itm", data, cfg, step_fn=step, collate_fn=Collator(tok, "itm"))
+    assert state.skipped == 2 and state.step == 5
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_schedule_warms_up_then_decays_to_zero():
+    model = build_model("clip", "nano")
+    opt, sched = make_optimizer(model, TrainConfig(lr=1.0, warmup_frac=0.1), total_steps=100)
+    lrs = []
+    for _ in range(100):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert lrs[10] == pytest.approx(1.0) and lrs[55] == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)), abs=0.02)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[-1] < 0.01
+
+
+def test_clean_step_matches_a_hand_written_update(tok):
+    torch.manual_seed(0)
+    a = build_model("clip", "nano")
+    b = build_model("clip", "nano")
+    b.load_state_dict(a.state_dict())
+    batch = make_batch("itc", n=8)
+    cfg = TrainConfig(lr=1e-2, grad_clip=0.0, device="cpu")
+    from vlat.train import StepContext, TrainState
+
+    opt_a, sch_a = make_optimizer(a, cfg, 10)
+    clean_step(StepContext(a, "itc", opt_a, sch_a, cfg, torch.device("cpu"), TrainState()), batch)
+    opt_b, _ = make_optimizer(b, cfg, 10)
+    b(batch, "itc").loss.backward()
+    opt_b.step()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.allclose(pa, pb)
+
+
+def test_recall_at_k_by_hand():
+    scores = torch.tensor([[0.9, 0.1, 0.5], [0.2, 0.3, 0.8], [0.7, 0.6, 0.1]])
+    truth = torch.eye(3, dtype=torch.bool)
+    r = recall_at_k(scores, truth, ks=(1, 2))
+    # rows: image0 -> caption0 (hit), image1 -> caption2 (miss), image2 -> caption0 (miss)
+    assert r["TR@1"] == pytest.approx(1 / 3)
+    # top-2: image1 -> {2, 1} hit, image2 -> {0, 1} miss
+    assert r["TR@2"] == pytest.approx(2 / 3)
+    # columns: caption0 -> image0 (hit), caption1 -> image2 (miss), caption2 -> image1 (miss)
+    assert r["IR@1"] == pytest.approx(1 / 3)
+
+
+def test_cli_train_then_eval(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = vlat(["train", "--model", "clip", "--preset", "nano", "--epochs", "1", "--train-size", "64",
+                 "--batch-size", "32", "--out", str(out), "--eval-size", "20", "--no-progress"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "trained 2 steps" in printed and "sketch" in printed
+    assert (out / "model.safetensors").is_file() and json.loads((out / "history.json").read_text())["step"] == 2
+    code = vlat(["eval", "--checkpoint", str(out / "model.safetensors"), "--eval-size", "20", "--shifts",
+                 "sketch", "--json", str(tmp_path / "t.json")])
+    assert code == 0
+    table = json.loads((tmp_path / "t.json").read_text())
+    assert set(table) == {"id", "sketch", "ood_mean"} and 0 <= table["id"] <= 1
+
+
+def test_cli_errors_are_one_clear_line(tmp_path, capsys):
+    assert vlat(["train", "--model", "uniter", "--out", str(tmp_path)]) == 2
+    assert "unknown model 'uniter'" in capsys.readouterr().err
+    assert vlat(["eval", "--checkpoint", str(tmp_path / "nope.safetensors")]) == 2
+    assert "not found" in capsys.readouterr().err
+    (tmp_path / "bad.safetensors").write_bytes(b"garbage")
+    assert vlat(["eval", "--checkpoint", str(tmp_path / "bad.safetensors")]) == 2
+    assert "corrupt" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        vlat(["train", "--task", "vqa"])
+
+
+def test_help_explains_every_option(capsys):
+    from vlat.cli import build_parser
+
+    parser = build_parser()
+    for sub in parser._subparsers._group_actions[0].choices.values():
+        for action in sub._actions:
+            assert action.help, f"option {action.option_strings} has no help"
