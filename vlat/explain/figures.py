@@ -1,0 +1,49 @@
+"""Plot helpers that return ``plotly`` figures (never show them), for notebooks and the app alike."""
+
+from __future__ import annotations
+
+import torch
+
+
+def scene_grid(images: torch.Tensor, titles: list[str] | None = None, cols: int = 4, size: int = 170):
+    """Images ``[N, 3, H, W]`` (uint8 or float in [0, 1]) in a grid, each with a wrapped title."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    imgs = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+    n = len(imgs)
+    rows = (n + cols - 1) // cols
+    wrap = [("<br>".join([t[i:i + 28] for i in range(0, len(t), 28)]) if t else "") for t in (titles or [""] * n)]
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=wrap, horizontal_spacing=0.02, vertical_spacing=0.12)
+    for k, im in enumerate(imgs):
+        arr = (im.clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
+        fig.add_trace(go.Image(z=arr), row=k // cols + 1, col=k % cols + 1)
+    fig.update_xaxes(visible=False).update_yaxes(visible=False)
+    fig.update_annotations(font_size=10)
+    fig.update_layout(height=rows * size + 40, width=cols * size, margin=dict(l=5, r=5, t=40, b=5))
+    return fig
+
+
+def ood_bars(rows: dict[str, dict[str, float]], title: str = "ID vs OOD"):
+    """Grouped bars: one group per column (``id`` and each shift), one bar per row (model or method)."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for name, row in rows.items():
+        cols = list(row)
+        fig.add_bar(name=name, x=cols, y=[row[c] for c in cols], text=[f"{row[c]:.2f}" for c in cols])
+    fig.update_layout(barmode="group", title=title, yaxis=dict(range=[0, 1], title="score"), height=380)
+    return fig
+
+
+def loss_curve(losses: list[float], title: str = "training loss", smooth: int = 10):
+    """Per-step loss with a moving average."""
+    import plotly.graph_objects as go
+
+    avg = [sum(losses[max(0, i - smooth + 1):i + 1]) / len(losses[max(0, i - smooth + 1):i + 1])
+           for i in range(len(losses))]
+    fig = go.Figure()
+    fig.add_scatter(y=losses, mode="lines", name="loss", opacity=0.35)
+    fig.add_scatter(y=avg, mode="lines", name=f"mean of {smooth}")
+    fig.update_layout(title=title, xaxis_title="step", yaxis_title="loss", height=320)
+    return fig
