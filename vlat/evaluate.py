@@ -45,6 +45,36 @@ def accuracy(model: VLModel, dataset, task: str, tokenizer=None, batch_size: int
     return correct / max(1, total)
 
 
+def robust_accuracy(model: VLModel, dataset, task: str, attack, tokenizer=None, batch_size: int = 128,
+                    seed: int = 0) -> float:
+    """Accuracy under an attack (``attack.attack(model, batch, task) -> {site: δ}``, e.g. PGD-K with
+    random start): an item counts if it is classified correctly **both** clean and at ``x + δ`` (δ = 0
+    lies in every ball, so the worst case is at least as bad as the clean point; this makes
+    robust <= clean hold by construction, as in AutoAttack's reporting)."""
+    from vlat.models import model_tokenizer, perturbed
+
+    device = model.device
+    tokenizer = tokenizer or model_tokenizer(model)
+    collate = Collator(tokenizer, task, paraphrase_prompts=getattr(dataset, "paraphrase", False))
+    g = torch.Generator().manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=collate):
+        batch = to_device(batch, device)
+        with torch.no_grad():
+            out = model(batch, task)
+        ok = out.logits.argmax(-1) == out.labels
+        kw = {"generator": g} if "generator" in attack.attack.__code__.co_varnames else {}
+        deltas = attack.attack(model, batch, task, **kw)
+        with torch.no_grad(), perturbed(model, deltas, batch):
+            adv = model(batch, task)
+        correct += int((ok & (adv.logits.argmax(-1) == adv.labels)).sum())
+        total += len(ok)
+    model.train(was_training)
+    return correct / max(1, total)
+
+
 def truth_matrix(scenes, claims) -> torch.Tensor:
     """``[N_images, N_captions]`` booleans: is caption j true of image i."""
     return torch.tensor([[C.holds(s, c) for c in claims] for s in scenes], dtype=torch.bool)
@@ -137,5 +167,5 @@ def markdown_table(rows: dict[str, dict[str, float]], digits: int = 3) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["accuracy", "evaluate_task", "markdown_table", "ood_table", "recall_at_k", "retrieval", "similarity",
+__all__ = ["accuracy", "robust_accuracy", "evaluate_task", "markdown_table", "ood_table", "recall_at_k", "retrieval", "similarity",
            "truth_matrix", "resolve_device"]

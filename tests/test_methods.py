@@ -1,0 +1,254 @@
+import math
+
+import pytest
+import torch
+
+from conftest import make_batch
+from vlat.adversarial import FGM, FGSM, PGD, SMART, FreeAT, FreeLB, METHODS, per_example_norm, project
+from vlat.adversarial.base import init_delta, normalize_grad
+from vlat.models import build_model, perturbed
+from vlat.objectives import kl_logits, symmetric_kl
+from vlat.train import StepContext, TrainConfig, TrainState, make_optimizer
+
+CPU = torch.device("cpu")
+
+
+def ctx_for(model, task, lr=1e-3):
+    cfg = TrainConfig(lr=lr, device="cpu", grad_clip=0.0)
+    opt, sch = make_optimizer(model, cfg, 10)
+    return StepContext(model, task, opt, sch, cfg, CPU, TrainState())
+
+
+def small(method_cls, site, **kw):
+    defaults = {"eps": 0.5, "step_size": 0.2}
+    if method_cls in (FGSM, FGM):
+        defaults.pop("step_size")
+    return method_cls(sites=(site,), **{**defaults, **kw})
+
+
+# ---- base plumbing, by hand ------------------------------------------------------------------------
+def test_norms_normalisation_projection_by_hand():
+    d = torch.tensor([[[3.0, 4.0]], [[0.3, 0.4]]])                           # [2, 1, 2]
+    assert torch.allclose(per_example_norm(d), torch.tensor([5.0, 0.5]))
+    assert torch.allclose(per_example_norm(d, "linf"), torch.tensor([4.0, 0.4]))
+    assert torch.allclose(normalize_grad(d), torch.tensor([[[0.6, 0.8]], [[0.6, 0.8]]]))
+    p = project(d, 1.0)
+    assert torch.allclose(p[0], torch.tensor([[0.6, 0.8]])) and torch.equal(p[1], d[1])  # inside: unchanged
+    assert torch.equal(project(d, 0.35, "linf"), torch.tensor([[[0.35, 0.35]], [[0.3, 0.35]]]))
+    assert torch.equal(project(d, 0.0), d)                                      # eps 0: no projection
+
+
+def test_freelb_uniform_init_scale():
+    mask = torch.tensor([[1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]]).unsqueeze(-1)
+    d = init_delta((2, 4, 8), mask, "uniform", magnitude=0.6, norm="l2", generator=torch.Generator().manual_seed(0))
+    assert (d[0, 2:] == 0).all()
+    bound = torch.tensor([0.6 / math.sqrt(2 * 8), 0.6 / math.sqrt(4 * 8)])
+    assert (d.abs().flatten(1).amax(1) <= bound + 1e-7).all()
+
+
+def test_fgm_on_a_hand_worked_example():
+    """Linear 'model': loss = w·(x+δ) summed; ∇_δ = w, so δ = ε w / ||w|| exactly."""
+    w = torch.tensor([[3.0, 0.0, -4.0]])
+    x = torch.zeros(1, 1, 3)
+    d = torch.zeros_like(x, requires_grad=True)
+    (w * (x + d)).sum().backward()
+    delta = 2.0 * normalize_grad(d.grad)
+    assert torch.allclose(delta, torch.tensor([[[1.2, 0.0, -1.6]]]))
+    assert torch.allclose(FGSM.eps * normalize_grad(d.grad, "linf"), torch.tensor([[[8 / 255, 0.0, -8 / 255]]]))
+
+
+def test_pgd_on_a_linear_model_matches_closed_form():
+    """max_{||δ||₂ ≤ ε} w·δ is attained at δ* = ε w/||w||; PGD from 0 reaches it in one step and stays."""
+    torch.manual_seed(0)
+    model = build_model("clip", "nano").eval()
+    batch = make_batch("classify")
+    w = torch.randn(*model.perturbation_sites()["image"].shape(batch))
+
+    class Linear(torch.nn.Module):  # wraps the model so the loss is linear in the image δ
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def perturbation_sites(self):
+            return self.m.perturbation_sites()
+
+        def forward(self, batch, task):
+            seen = {}
+            h = self.m.clip.vision_model.embeddings.patch_embedding.register_forward_hook(
+                lambda mod, a, o: seen.setdefault("o", o))
+            self.m(batch, task)
+            h.remove()
+            return type("O", (), {"loss": (w * seen["o"]).sum()})()
+
+    lin = Linear(model)
+    delta = PGD(sites=("image",), eps=0.7, step_size=0.3, steps=8).attack(lin, batch, "classify", random_start=False)
+    star = 0.7 * w / per_example_norm(w).view(-1, 1, 1, 1)
+    assert torch.allclose(delta["image"], star, atol=1e-5)
+
+
+def test_smart_regulariser_zero_at_zero_and_symmetric():
+    p, q = torch.randn(4, 5), torch.randn(4, 5)
+    assert float(symmetric_kl(p, p)) == pytest.approx(0.0, abs=1e-7)
+    assert float(symmetric_kl(p, q)) == pytest.approx(float(symmetric_kl(q, p)), rel=1e-6)
+    # KL by hand for two-point distributions
+    a, b = torch.tensor([[0.0, 0.0]]), torch.tensor([[math.log(3.0), 0.0]])    # (.5,.5) vs (.75,.25)
+    want = 0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(0.5 / 0.25)
+    assert float(kl_logits(a, b)) == pytest.approx(want, rel=1e-6)
+    model = build_model("single_stream", "nano").eval()
+    batch = make_batch("itm")
+    clean = model(batch, "itm").logits
+    reg = SMART(sites=("text",), eps=1e-5, sigma=0.0, step_size=0.0).regulariser(model, batch, clean, "itm")
+    assert float(reg.detach()) == pytest.approx(0.0, abs=1e-6)
+
+
+# ---- invariants over every method, site and model family ------------------------------------------
+SITES = [("single_stream", "itm", "text"), ("single_stream", "itm", "image"), ("single_stream", "qa", "pixels"),
+         ("clip", "itc", "text"), ("clip", "classify", "image"), ("clip", "itc", "pixels")]
+
+
+@pytest.mark.parametrize("name,task,site", SITES)
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+@pytest.mark.parametrize("method", [FGM, PGD])
+def test_attack_stays_in_ball_respects_mask_and_leaves_parameters(name, task, site, norm, method):
+    torch.manual_seed(0)
+    model = build_model(name, "nano").eval()
+    batch = make_batch(task)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    adv = small(method, site, norm=norm)
+    delta = adv.attack(model, batch, task)[site]
+    eps = adv.eps
+    assert (per_example_norm(delta, norm) <= eps * (1 + 1e-5)).all()
+    mask = model.perturbation_sites()[site].mask(batch)
+    assert (delta * (1 - mask)).abs().sum() == 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("name,task,site", SITES)
+def test_pgd_does_not_lower_the_loss_and_robust_le_clean(name, task, site):
+    torch.manual_seed(0)
+    model = build_model(name, "nano").eval()
+    batch = make_batch(task, n=8)
+    clean = model(batch, task)
+    delta, losses = PGD(sites=(site,), eps=0.5, step_size=0.2, steps=5).attack(model, batch, task, random_start=False,
+                                                                               return_losses=True)
+    with perturbed(model, delta, batch):
+        adv = model(batch, task)
+    assert float(adv.loss.detach()) > float(clean.loss.detach())
+
+
+@pytest.mark.parametrize("name,task,site", [("single_stream", "itm", "image"), ("clip", "classify", "pixels")])
+def test_robust_accuracy_le_clean_accuracy(name, task, site):
+    from vlat.evaluate import accuracy, robust_accuracy
+    from vlat.world import WorldDataset
+
+    torch.manual_seed(0)
+    model = build_model(name, "nano").eval()
+    data = WorldDataset(task, "test", 40)
+    kw = {"norm": "linf", "eps": 8 / 255, "step_size": 2 / 255} if site == "pixels" else {"eps": 1.0, "step_size": 0.3}
+    clean = accuracy(model, data, task)
+    robust = robust_accuracy(model, data, task, PGD(sites=(site,), steps=5, **kw))
+    assert 0.0 <= robust <= clean
+    none = robust_accuracy(model, data, task, PGD(sites=(site,), steps=1, eps=1e-12, step_size=1e-12))
+    assert none == pytest.approx(clean)  # a vanishing ball changes nothing
+
+
+TRAIN_METHODS = [FGSM, FGM, PGD, FreeAT, FreeLB, SMART]
+
+
+@pytest.mark.parametrize("method", TRAIN_METHODS, ids=lambda m: m.__name__)
+@pytest.mark.parametrize("name,task,site", [("single_stream", "itm", "text"), ("clip", "itc", "image"),
+                                            ("single_stream", "tf", "pixels")])
+def test_every_method_trains_every_family(method, name, task, site):
+    torch.manual_seed(0)
+    model = build_model(name, "nano").train()
+    batch = make_batch(task)
+    before = [p.detach().clone() for p in model.parameters()]
+    kw = {"norm": "linf", "eps": 8 / 255} if site == "pixels" else {}
+    if method in (FreeLB,):
+        kw.update(steps=2)
+    if method is SMART:
+        kw = {}
+    step = method(sites=(site,), **kw)
+    loss = step(ctx_for(model, task), batch)
+    assert torch.isfinite(loss)
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(p.grad is None for p in model.parameters())  # the step applied and cleared its gradients
+
+
+def test_freelb_gradient_is_the_mean_of_the_K_step_gradients():
+    """FreeLB's accumulated θ-gradient equals the mean of K separately computed per-step gradients."""
+    torch.manual_seed(0)
+    model = build_model("single_stream", "nano").train()
+    batch = make_batch("itm")
+    method = FreeLB(sites=("text",), steps=3, step_size=0.3, init_mag=0.2)
+    ctx = ctx_for(model, "itm")
+    rng = torch.get_rng_state()
+    _, final = method.accumulate(ctx, batch)
+    used = [p for p in model.parameters() if p.grad is not None]  # the ITM path (other heads get none)
+    assert used
+    accumulated = [p.grad.clone() for p in used]
+    # replay by hand: same init (same RNG), same dropout masks, one step at a time
+    torch.set_rng_state(rng)
+    deltas = method.new_deltas(model, batch, "uniform", method.init_mag)
+    dropout_rng = torch.get_rng_state()
+    per_step = []
+    for t in range(3):
+        model.zero_grad()
+        torch.set_rng_state(dropout_rng)
+        with perturbed(model, deltas, batch):
+            loss = model(batch, "itm").loss
+        loss.backward()
+        per_step.append([p.grad.clone() for p in used])
+        if t < 2:
+            deltas = method.ascend(model, batch, deltas, {k: d.grad for k, d in deltas.items()})
+    for k, acc in enumerate(accumulated):
+        mean = sum(g[k] for g in per_step) / 3
+        assert torch.allclose(acc, mean, atol=1e-6)
+    assert torch.allclose(final["text"], deltas["text"], atol=1e-6)  # g/K vs g: same direction
+
+
+def test_freelb_reuses_dropout_masks_across_steps():
+    torch.manual_seed(0)
+    model = build_model("single_stream", "nano").train()
+    assert model.config.dropout > 0
+    masks = []
+    drop = model.bert.encoder.layer[0].output.dropout
+    drop.register_forward_hook(lambda m, a, o: masks.append((o == 0) & (a[0] != 0)))
+    FreeLB(sites=("text",), steps=3).accumulate(ctx_for(model, "itm"), make_batch("itm"))
+    assert len(masks) == 3 and masks[0].any()
+    assert torch.equal(masks[0], masks[1]) and torch.equal(masks[1], masks[2])
+
+
+def test_freeat_takes_one_optimizer_step_per_replay():
+    torch.manual_seed(0)
+    model = build_model("clip", "nano").train()
+    ctx = ctx_for(model, "itc")
+    steps = []
+    orig = ctx.optimizer.step
+    ctx.optimizer.step = lambda *a, **k: (steps.append(1), orig(*a, **k))[1]
+    FreeAT(sites=("text",), replays=3)(ctx, make_batch("itc"))
+    assert len(steps) == 3
+
+
+def test_smart_nan_guard_zeroes_the_regulariser():
+    model = build_model("single_stream", "nano").eval()
+    batch = make_batch("itm")
+    clean = model(batch, "itm").logits
+    smart = SMART(sites=("text",))
+    bad = clean.detach().clone()
+    bad[0, 0] = float("nan")
+    reg = smart.regulariser(model, batch, bad, "itm")
+    assert float(reg) == 0.0 and smart.skipped == 1
+
+
+@pytest.mark.parametrize("kw,msg", [({"eps": -1.0}, "eps"), ({"norm": "l3"}, "norm"), ({"steps": 0}, "steps"),
+                                    ({"eps": float("nan")}, "eps"), ({"sites": ("audio",)}, "unknown site")])
+def test_bad_settings_are_refused(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        m = PGD(**kw)
+        m.attack(build_model("clip", "nano"), make_batch("itc"), "itc")
+
+
+def test_registry_lists_every_method():
+    assert set(METHODS) == {"fgsm", "fgm", "pgd", "freeat", "freelb", "smart"}

@@ -1,0 +1,145 @@
+"""Plumbing shared by every method: δ creation, per-example norms, gradient normalisation, projection.
+
+Conventions (METHODS.md): norms of δ and of its gradient are taken **per example over all of its
+unmasked entries** (``L x D`` for a token site); every δ is multiplied by the site's mask, so padding
+is never perturbed; ``eps <= 0`` means "no projection" (FreeLB's ``max_norm = 0``).
+
+Shapes: a δ has the shape of its site's module output, ``[B, ...]``; per-example scalars are ``[B]``
+and are broadcast back with :func:`bview`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from vlat.models.base import VLModel, perturbed
+
+NORMS = ("l2", "linf")
+INITS = ("zero", "uniform", "normal")
+
+
+def bview(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``[B]`` -> ``[B, 1, ..., 1]`` broadcastable against ``like``."""
+    return x.view(-1, *([1] * (like.dim() - 1)))
+
+
+def per_example_norm(t: torch.Tensor, norm: str = "l2") -> torch.Tensor:
+    """``||t_i||`` over all non-batch axes, ``[B]``."""
+    flat = t.flatten(1)
+    return flat.norm(dim=1) if norm == "l2" else flat.abs().amax(dim=1)
+
+
+def normalize_grad(g: torch.Tensor, norm: str = "l2", eps: float = 1e-8) -> torch.Tensor:
+    """The ascent direction: ``g / ||g||_2`` per example (L2) or ``sign(g)`` (L-inf)."""
+    if norm == "l2":
+        return g / bview(per_example_norm(g, "l2").clamp_min(eps), g)
+    return g.sign()
+
+
+def project(delta: torch.Tensor, eps: float, norm: str = "l2") -> torch.Tensor:
+    """``Π_ε``: rescale each example back onto the L2 ball, or clip entries to [-ε, ε]; ``eps <= 0``: identity."""
+    if eps <= 0:
+        return delta
+    if norm == "l2":
+        n = per_example_norm(delta, "l2")
+        return delta * bview(torch.where(n > eps, eps / n.clamp_min(1e-12), torch.ones_like(n)), delta)
+    return delta.clamp(-eps, eps)
+
+
+def init_delta(shape: Sequence[int], mask: torch.Tensor, init: str = "zero", magnitude: float = 0.0,
+               norm: str = "l2", device=None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A fresh fp32 δ (masked, ``requires_grad``).
+
+    - ``zero``;
+    - ``uniform``: FreeLB's init. L2: ``U(-1, 1) ⊙ m · mag / sqrt(n_i)`` with ``n_i`` the number of
+      unmasked entries of example i (``len_i · D`` for tokens); L-inf: ``U(-mag, mag) ⊙ m``;
+    - ``normal``: ``N(0, mag²) ⊙ m`` (SMART's ``σ``).
+    """
+    mask = mask.to(device=device, dtype=torch.float32)
+    if init == "zero" or magnitude == 0:
+        d = torch.zeros(shape, device=device)
+    elif init == "uniform":
+        d = torch.rand(shape, generator=generator, device="cpu").to(device) * 2 - 1
+        d = d * mask
+        if norm == "l2":
+            n = mask.expand(shape).flatten(1).sum(1).clamp_min(1)             # [B] unmasked entries
+            d = d * bview(magnitude / n.sqrt(), d)
+        else:
+            d = d * magnitude
+    elif init == "normal":
+        d = torch.randn(shape, generator=generator, device="cpu").to(device) * magnitude
+    else:
+        raise ValueError(f"unknown init {init!r}; choose one of {', '.join(INITS)}")
+    return (d * mask).requires_grad_(True)
+
+
+def check_number(name: str, value: float, low: float = 0.0, high: float = math.inf, integer: bool = False) -> None:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if integer and int(value) != value:
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must lie in [{low}, {high}], got {value!r}")
+
+
+@dataclass
+class Adversary:
+    """Common settings of a method: which sites, which norm, the radius and the step size.
+
+    Subclasses implement ``__call__(ctx, batch) -> loss`` (a training step for :func:`vlat.train.train`).
+    """
+
+    sites: tuple[str, ...] = ("text",)   # perturbation sites to attack (see VLModel.perturbation_sites)
+    norm: str = "l2"                      # "l2" or "linf"
+    eps: float = 1.0                      # radius of the ball; <= 0 means unbounded where allowed
+    step_size: float = 0.1                # ascent step η (adv_lr)
+
+    def __post_init__(self):
+        if isinstance(self.sites, str):
+            self.sites = (self.sites,)
+        self.sites = tuple(self.sites)
+        if self.norm not in NORMS:
+            raise ValueError(f"unknown norm {self.norm!r}; choose l2 or linf")
+        check_number("eps", self.eps, 0.0)
+        check_number("step_size", self.step_size, 0.0)
+
+    # -- helpers for subclasses -----------------------------------------------------------------
+    def resolve_sites(self, model: VLModel) -> dict:
+        sites = model.perturbation_sites()
+        unknown = [s for s in self.sites if s not in sites]
+        if unknown:
+            raise ValueError(f"unknown site(s) {unknown}; this model has {', '.join(sites)}")
+        return {s: sites[s] for s in self.sites}
+
+    def new_deltas(self, model: VLModel, batch: dict, init: str = "zero", magnitude: float = 0.0,
+                   generator=None) -> dict[str, torch.Tensor]:
+        dev = batch["pixel_values"].device
+        return {name: init_delta(site.shape(batch), site.mask(batch), init, magnitude, self.norm, dev, generator)
+                for name, site in self.resolve_sites(model).items()}
+
+    def ascend(self, model: VLModel, batch: dict, deltas: dict, grads: dict, step_size: float | None = None,
+               eps: float | None = None) -> dict[str, torch.Tensor]:
+        """One projected ascent step on every δ: ``δ ← Π_ε(δ + η · normalize(g)) ⊙ m`` (new leaf tensors)."""
+        eta = self.step_size if step_size is None else step_size
+        eps = self.eps if eps is None else eps
+        sites = self.resolve_sites(model)
+        out = {}
+        for name, d in deltas.items():
+            g = grads[name]
+            m = sites[name].mask(batch).to(d.device)
+            new = project(d.detach() + eta * normalize_grad(g, self.norm) * m, eps, self.norm) * m
+            out[name] = new.requires_grad_(True)
+        return out
+
+
+def forward_with(ctx_or_model, batch: dict, deltas: dict | None, task: str | None = None):
+    """Run the task with δ attached (through a :class:`StepContext` for autocast, or a bare model)."""
+    model = getattr(ctx_or_model, "model", ctx_or_model)
+    with perturbed(model, deltas, batch):
+        if hasattr(ctx_or_model, "forward") and hasattr(ctx_or_model, "model"):
+            return ctx_or_model.forward(batch, task)
+        return model(batch, task)
