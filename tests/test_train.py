@@ -143,3 +143,19 @@ def test_help_explains_every_option(capsys):
     for sub in parser._subparsers._group_actions[0].choices.values():
         for action in sub._actions:
             assert action.help, f"option {action.option_strings} has no help"
+
+
+def test_cli_adversarial_training_and_robust_eval(tmp_path, capsys):
+    out = tmp_path / "adv"
+    assert vlat(["train", "--model", "single_stream", "--preset", "nano", "--method", "pgd", "--sites", "text,image",
+                 "--steps", "2", "--eps", "0.5", "--epochs", "1", "--train-size", "32", "--batch-size", "16",
+                 "--out", str(out), "--eval-size", "16", "--no-progress"]) == 0
+    assert vlat(["eval", "--checkpoint", str(out / "model.safetensors"), "--eval-size", "16", "--shifts", "none",
+                 "--attack", "pgd", "--site", "pixels", "--steps", "2", "--json", str(tmp_path / "r.json")]) == 0
+    table = json.loads((tmp_path / "r.json").read_text())
+    assert 0 <= table["robust_pgd_pixels"] <= table["id"]
+    capsys.readouterr()
+    assert vlat(["train", "--model", "clip", "--method", "freeat", "--init-mag", "2", "--out", str(out)]) == 2
+    assert "does not apply to freeat" in capsys.readouterr().err
+    assert vlat(["train", "--model", "clip", "--method", "fgm", "--eps", "-1", "--out", str(out)]) == 2
+    assert "eps must lie in" in capsys.readouterr().err

@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-METHODS = {"clean": "vlat.train:clean_step"}  # the adversarial methods register here
+METHOD_NAMES = ("clean", "fgsm", "fgm", "pgd", "freeat", "freelb", "smart")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -40,7 +40,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--task", default=None, choices=TASKS,
                    help="what to train on: itm (image-text matching), itc (contrastive), qa, tf (true/false), "
                    "mlm; default: itm for single_stream, itc for clip")
-    t.add_argument("--method", default="clean", help=f"training step: {', '.join(METHODS)}")
+    t.add_argument("--method", default="clean", help=f"training step: {', '.join(METHOD_NAMES)}")
+    t.add_argument("--sites", default=None, help="perturbation sites, comma-separated: text, image, pixels "
+                   "(default: the method's own, text for most)")
+    t.add_argument("--norm", default=None, choices=["l2", "linf"], help="norm of the ball (default: the method's)")
+    t.add_argument("--eps", type=float, default=None, help="radius of the ball (default: the method's reference)")
+    t.add_argument("--step-size", type=float, default=None, help="ascent step size eta (default: the method's)")
+    t.add_argument("--steps", type=int, default=None, help="ascent steps K for pgd / freelb / smart")
+    t.add_argument("--replays", type=int, default=None, help="FreeAT replays m per batch (epochs are divided by m)")
+    t.add_argument("--init-mag", type=float, default=None, help="FreeLB initial delta magnitude")
+    t.add_argument("--reg-weight", type=float, default=None, help="SMART regulariser weight lambda_s")
     t.add_argument("--epochs", type=int, default=3, help="passes over the training scenes")
     t.add_argument("--train-size", type=int, default=4000, help="number of training scenes")
     t.add_argument("--batch-size", type=int, default=64, help="examples per optimiser step")
@@ -68,17 +77,48 @@ def build_parser() -> argparse.ArgumentParser:
                    "single_stream, classify (zero-shot) for clip")
     e.add_argument("--shifts", default="all", help="comma-separated shifts, 'all' or 'none'")
     e.add_argument("--json", default=None, help="also write the table to this JSON file")
+    e.add_argument("--attack", default=None, choices=["pgd", "fgm", "fgsm"],
+                   help="also report robust accuracy under this attack (PGD-K with random start)")
+    e.add_argument("--site", default="text", help="where the attack perturbs: text, image or pixels")
+    e.add_argument("--norm", default=None, choices=["l2", "linf"], help="attack norm (default l2; linf for pixels)")
+    e.add_argument("--eps", type=float, default=None, help="attack radius (default 1.0 embeddings, 8/255 pixels)")
+    e.add_argument("--step-size", type=float, default=None, help="attack step (default eps/4)")
+    e.add_argument("--steps", type=int, default=10, help="attack steps K")
     _add_common(e)
     return parser
 
 
-def _resolve_method(name: str):
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
-    mod, fn = METHODS[name].split(":")
-    import importlib
+def method_from_args(a):
+    """The training step named by ``--method``, with only the options the user gave overriding its defaults."""
+    if a.method not in METHOD_NAMES:
+        raise ValueError(f"unknown method {a.method!r}; choose one of {', '.join(METHOD_NAMES)}")
+    if a.method == "clean":
+        from vlat.train import clean_step
 
-    return getattr(importlib.import_module(mod), fn)
+        return clean_step
+    from vlat.adversarial import METHODS
+
+    cls = METHODS[a.method]
+    given = {"sites": tuple(a.sites.split(",")) if a.sites else None, "norm": a.norm, "eps": a.eps,
+             "step_size": a.step_size, "steps": a.steps, "replays": a.replays, "init_mag": a.init_mag,
+             "weight": a.reg_weight}
+    fields = cls.__dataclass_fields__
+    for k, v in given.items():
+        if v is not None and k not in fields:
+            raise ValueError(f"--{k.replace('_', '-')} does not apply to {a.method}")
+    return cls(**{k: v for k, v in given.items() if v is not None})
+
+
+def attack_from_args(a):
+    from vlat.adversarial import METHODS
+
+    pixels = a.site == "pixels"
+    eps = a.eps if a.eps is not None else (8 / 255 if pixels else 1.0)
+    norm = a.norm or ("linf" if pixels else "l2")
+    kw = {"sites": (a.site,), "norm": norm, "eps": eps}
+    if a.attack == "pgd":
+        kw.update(steps=a.steps, step_size=a.step_size if a.step_size is not None else eps / 4)
+    return METHODS[a.attack](**kw)
 
 
 def cmd_train(a) -> int:
@@ -90,7 +130,9 @@ def cmd_train(a) -> int:
     from vlat.world import Collator, WorldDataset
 
     task = a.task or {"single_stream": "itm", "clip": "itc"}.get(a.model, "itm")
-    step = _resolve_method(a.method)
+    step = method_from_args(a)
+    if a.method == "freeat":  # equal cost to clean training: N/m epochs of m replays
+        a.epochs = max(1, -(-a.epochs // step.replays))
     torch.manual_seed(a.seed)
     model = build_model(a.model, a.preset, **json.loads(a.model_overrides))
     model.check_task(task)
@@ -131,8 +173,18 @@ def cmd_eval(a) -> int:
     for s in shifts:
         if s not in SHIFTS:
             raise ValueError(f"unknown shift {s!r}; choose from {', '.join(SHIFTS)}")
-    table = ood_table(model, task, a.eval_size, a.seed, shifts=shifts, tokenizer=model_tokenizer(model))
+    tok = model_tokenizer(model)
+    table = ood_table(model, task, a.eval_size, a.seed, shifts=shifts, tokenizer=tok)
     metric = "TR@1" if task == "itc" else "accuracy"
+    if a.attack:
+        if task == "itc":
+            raise ValueError("--attack scores accuracy; pick a classification task (itm, qa, tf, classify)")
+        from vlat.evaluate import robust_accuracy
+        from vlat.world import WorldDataset
+
+        attack = attack_from_args(a)
+        data = WorldDataset(task, "test", a.eval_size, a.seed, image_size=model.config.image_size)
+        table[f"robust_{a.attack}_{a.site}"] = robust_accuracy(model, data, task, attack, tok, seed=a.seed)
     print(markdown_table({f"{Path(a.checkpoint).name} {task} ({metric})": table}))
     if a.json:
         Path(a.json).write_text(json.dumps(table, indent=1))
