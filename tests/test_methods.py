@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import make_batch
-from vlat.adversarial import FGM, FGSM, PGD, SMART, FreeAT, FreeLB, METHODS, per_example_norm, project
+from vlat.adversarial import FGM, FGSM, PGD, SMART, YOPO, FreeAT, FreeLB, METHODS, per_example_norm, project
 from vlat.adversarial.base import init_delta, normalize_grad
 from vlat.models import build_model, perturbed
 from vlat.objectives import kl_logits, symmetric_kl
@@ -153,7 +153,7 @@ def test_robust_accuracy_le_clean_accuracy(name, task, site):
     assert none == pytest.approx(clean)  # a vanishing ball changes nothing
 
 
-TRAIN_METHODS = [FGSM, FGM, PGD, FreeAT, FreeLB, SMART]
+TRAIN_METHODS = [FGSM, FGM, PGD, FreeAT, FreeLB, SMART, YOPO]
 
 
 @pytest.mark.parametrize("method", TRAIN_METHODS, ids=lambda m: m.__name__)
@@ -169,6 +169,8 @@ def test_every_method_trains_every_family(method, name, task, site):
         kw.update(steps=2)
     if method is SMART:
         kw = {}
+    if method is YOPO:
+        kw.update(outer=2, inner=2)
     step = method(sites=(site,), **kw)
     loss = step(ctx_for(model, task), batch)
     assert torch.isfinite(loss)
@@ -251,4 +253,45 @@ def test_bad_settings_are_refused(kw, msg):
 
 
 def test_registry_lists_every_method():
-    assert set(METHODS) == {"fgsm", "fgm", "pgd", "freeat", "freelb", "smart"}
+    assert set(METHODS) == {"fgsm", "fgm", "pgd", "freeat", "freelb", "smart", "yopo"}
+
+
+@pytest.mark.parametrize("name,task,site,last", [
+    ("single_stream", "itm", "text", lambda m: m.bert.encoder.layer[-1]),
+    ("clip", "itc", "image", lambda m: m.clip.vision_model.post_layernorm),   # nano CLIP has one block
+    ("clip", "itc", "text", lambda m: m.clip.text_model.final_layer_norm)])
+def test_yopo_inner_steps_run_layer_one_only(name, task, site, last):
+    torch.manual_seed(0)
+    model = build_model(name, "nano").train()
+    calls = {"first": 0, "last": 0}
+    first, _ = model.layer_one(site)
+    first.register_forward_hook(lambda *a: calls.__setitem__("first", calls["first"] + 1))
+    last(model).register_forward_hook(lambda *a: calls.__setitem__("last", calls["last"] + 1))
+    YOPO(sites=(site,), outer=3, inner=4)(ctx_for(model, task), make_batch(task))
+    assert calls["last"] == 3                      # m full passes only: the rest never runs in inner steps
+    assert calls["first"] == 3 + 3 * 4             # plus m*n layer-one passes
+
+
+def test_yopo_inner_steps_raise_the_loss():
+    torch.manual_seed(0)
+    model = build_model("single_stream", "nano").eval()
+    batch = make_batch("itm")
+    ctx = ctx_for(model, "itm")
+    clean = float(model(batch, "itm").loss.detach())
+    seen = []
+    orig = YOPO.ascend
+
+    def spy(self, *a, **k):
+        out = orig(self, *a, **k)
+        seen.append(out)
+        return out
+
+    YOPO.ascend = spy
+    try:
+        YOPO(sites=("text",), outer=1, inner=5, eps=0.5, step_size=0.05, norm="l2")(ctx, batch)
+    finally:
+        YOPO.ascend = orig
+    model.zero_grad()
+    with torch.no_grad(), perturbed(model, seen[-1], batch):
+        adv = float(model(batch, "itm").loss)
+    assert adv > clean

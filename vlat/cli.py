@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-METHOD_NAMES = ("clean", "fgsm", "fgm", "pgd", "freeat", "freelb", "smart")
+METHOD_NAMES = ("clean", "fgsm", "fgm", "pgd", "freeat", "freelb", "smart", "yopo")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:

@@ -118,6 +118,12 @@ class VLModel(nn.Module):
     def perturbation_sites(self) -> dict[str, PerturbationSite]:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def layer_one(self, site: str) -> tuple[nn.Module, Callable[[dict], object]]:
+        """YOPO's "layer one" for a site: ``(block, run)`` where ``block`` is the first transformer block
+        after the site and ``run(batch)`` performs a forward that passes through it (it is stopped right
+        after ``block`` by :func:`run_layer_one`, so nothing after layer one is computed)."""
+        raise NotImplementedError(f"{type(self).__name__} declares no layer one")
+
     def check_task(self, task: str) -> None:
         if task not in self.tasks:
             raise ValueError(f"{type(self).__name__} has no task {task!r}; it supports {', '.join(self.tasks)}")
@@ -137,6 +143,29 @@ class VLModel(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
+
+
+class _StopForward(Exception):
+    pass
+
+
+def run_layer_one(model: "VLModel", site: str, batch: dict) -> torch.Tensor:
+    """Run embeddings + the first block only and return the block's output (``f₀(x + δ)``)."""
+    block, run = model.layer_one(site)
+    box = {}
+
+    def stop(module, args, output):
+        box["out"] = output[0] if isinstance(output, tuple) else output
+        raise _StopForward
+
+    h = block.register_forward_hook(stop)
+    try:
+        run(batch)
+    except _StopForward:
+        pass
+    finally:
+        h.remove()
+    return box["out"]
 
 
 def text_mask(key: str = "attention_mask") -> Callable[[dict], torch.Tensor]:

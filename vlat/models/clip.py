@@ -152,6 +152,15 @@ class ClipDualEncoder(VLModel):
                                        mask=full_mask(4), token_axes="BCHW", clamp=(0.0, 1.0)),
         }
 
+    def layer_one(self, site: str):
+        """The first block of the tower the site belongs to (and only that tower is run)."""
+        if site == "text":
+            def run(b):
+                key = "class_" if "class_input_ids" in b else ""
+                return self.text_features(b[key + "input_ids"], b[key + "attention_mask"])
+            return self.clip.text_model.encoder.layers[0], run
+        return self.clip.vision_model.encoder.layers[0], lambda b: self.image_features(b["pixel_values"])
+
     def image_features(self, pixel_values: torch.Tensor, output_attentions: bool = False):
         """L2-normalised image embeddings ``[B, P]`` (and the vision attentions when asked)."""
         self.check_pixels(pixel_values)

@@ -127,6 +127,10 @@ class SingleStreamModel(VLModel):
                                        mask=full_mask(4), token_axes="BCHW", clamp=(0.0, 1.0)),
         }
 
+    def layer_one(self, site: str):
+        """Every site feeds the joint encoder, so layer one is the first BERT layer for all of them."""
+        return self.bert.encoder.layer[0], lambda batch: self.encode(batch)
+
     def embed_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """``[B, 3, H, W]`` in [0, 1] -> image token embeddings ``[B, N, D]``."""
         p = self.config.patch_size
