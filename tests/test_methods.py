@@ -295,3 +295,20 @@ def test_yopo_inner_steps_raise_the_loss():
     with torch.no_grad(), perturbed(model, seen[-1], batch):
         adv = float(model(batch, "itm").loss)
     assert adv > clean
+
+
+@pytest.mark.parametrize("cls", ["WeightTableFGM", "WeightTablePGD"])
+def test_weight_table_snippet_restores_the_embedding_matrix_before_the_update(cls):
+    from vlat.adversarial import weight_table
+
+    torch.manual_seed(0)
+    model = build_model("single_stream", "nano").train()
+    ctx = ctx_for(model, "itm")
+    emb = model.bert.embeddings.word_embeddings.weight
+    before = emb.detach().clone()
+    seen = {}
+    orig = ctx.optimizer.step
+    ctx.optimizer.step = lambda *a, **k: (seen.setdefault("emb", emb.detach().clone()), orig(*a, **k))[1]
+    getattr(weight_table, cls)(eps=0.5)(ctx, make_batch("itm"))
+    assert torch.equal(seen["emb"], before)        # the perturbation never leaks into the weights
+    assert not torch.equal(emb.detach(), before)   # and the update itself happened

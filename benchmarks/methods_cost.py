@@ -1,0 +1,109 @@
+"""Cost of each method per training batch, relative to a clean step (METHODS.md §11).
+
+    python benchmarks/methods_cost.py [--model single_stream] [--preset tiny] [--batch 64] [--repeats 10]
+
+For every method on the same model and batch: median time per batch / median clean time per batch,
+printed beside the method's pass count, and (on CUDA) peak memory / clean peak memory. Target: every
+ratio <= 1.15 x its pass count. Also times our FGM and PGD against the common "weight-table" snippet
+(perturbing the embedding matrix; :mod:`vlat.adversarial.weight_table`). Runs on CUDA when present.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from vlat.adversarial import FGM, FGSM, PGD, SMART, YOPO, FreeAT, FreeLB  # noqa: E402
+from vlat.adversarial.weight_table import WeightTableFGM, WeightTablePGD  # noqa: E402
+from vlat.models import build_model  # noqa: E402
+from vlat.train import StepContext, TrainConfig, TrainState, clean_step, make_optimizer, to_device  # noqa: E402
+from vlat.world import Collator, WorldDataset, load_tokenizer  # noqa: E402
+
+K = 3
+
+
+def methods(site: str):
+    pix = site == "pixels"
+    lin = {"norm": "linf", "eps": 8 / 255} if pix else {}
+    return [
+        ("clean", clean_step, 1),
+        ("FGSM", FGSM(sites=(site,), eps=8 / 255 if pix else 0.05), 2),
+        ("FGM", FGM(sites=(site,), **lin), 2),
+        (f"PGD-{K}", PGD(sites=(site,), steps=K, **lin), K + 1),
+        ("FreeAT m=4 (per replay)", FreeAT(sites=(site,), replays=4, **lin), 4),
+        (f"FreeLB-{K}", FreeLB(sites=(site,), steps=K, **lin), K),
+        ("SMART K=1", SMART(sites=(site,)), 3),
+        ("YOPO m=3 n=3", YOPO(sites=(site,), outer=3, inner=3), None),
+    ]
+
+
+def time_step(step, model, task, batch, device, repeats: int) -> tuple[float, int]:
+    cfg = TrainConfig(device=str(device), progress=False)
+    opt, sch = make_optimizer(model, cfg, 10_000)
+    ctx = StepContext(model, task, opt, sch, cfg, device, TrainState())
+    for _ in range(2):  # warm-up
+        step(ctx, batch)
+    times = []
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(repeats):
+        t = time.perf_counter()
+        step(ctx, batch)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
+    return statistics.median(times), peak
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="single_stream", help="single_stream or clip")
+    ap.add_argument("--preset", default="tiny", help="model preset")
+    ap.add_argument("--task", default=None, help="default: itm (single_stream) / itc (clip)")
+    ap.add_argument("--site", default="text", help="text, image or pixels")
+    ap.add_argument("--batch", type=int, default=64, help="batch size")
+    ap.add_argument("--repeats", type=int, default=10, help="timed steps per method (median reported)")
+    a = ap.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    task = a.task or ("itm" if a.model == "single_stream" else "itc")
+    torch.manual_seed(0)
+    model = build_model(a.model, a.preset).to(device).train()
+    data = WorldDataset(task, size=a.batch)
+    batch = to_device(Collator(load_tokenizer(), task)([data[i] for i in range(a.batch)]), device)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    print(f"{a.model}/{a.preset}, task {task}, site {a.site}, batch {a.batch}, device {device}, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"{'method':<26}{'ms/batch':>10}{'ratio':>8}{'passes':>8}{'ratio/passes':>14}{'mem ratio':>11}")
+    base_t = base_m = None
+    rows = methods(a.site)
+    if a.site == "text":
+        rows += [("weight-table FGM", WeightTableFGM(), 2), (f"weight-table PGD-{K}", WeightTablePGD(steps=K), K + 1)]
+    results = {}
+    for name, step, passes in rows:
+        model.load_state_dict(state)
+        t, m = time_step(step, model, task, batch, device, a.repeats)
+        base_t = base_t or t
+        base_m = base_m or m
+        if name.startswith("YOPO"):
+            passes = step.outer  # full passes; layer-one passes come on top at a fraction of the cost
+        ratio = t / base_t
+        mem = f"{m / base_m:.2f}" if base_m else "-"
+        flag = "" if ratio <= 1.15 * passes else "  over target"
+        print(f"{name:<26}{1000 * t:>10.1f}{ratio:>8.2f}{passes:>8}{ratio / passes:>14.2f}{mem:>11}{flag}")
+        results[name] = t
+    if "weight-table FGM" in results:
+        print(f"\nours / weight-table: FGM {results['FGM'] / results['weight-table FGM']:.2f}, "
+              f"PGD-{K} {results[f'PGD-{K}'] / results[f'weight-table PGD-{K}']:.2f} (<= 1 means ours is no slower)")
+
+
+if __name__ == "__main__":
+    main()
