@@ -1,5 +1,8 @@
 """Reproduce the shipped tiny checkpoints and their ID / OOD table: ``python scripts/make_checkpoints.py``.
 
+``python scripts/make_checkpoints.py --check single_stream_tiny_itm /tmp/check`` retrains one recipe
+elsewhere and prints how far its weights are from the shipped file.
+
 Writes ``data_samples/checkpoints/{single_stream_tiny_itm,clip_tiny_itc}.safetensors`` and
 ``data_samples/checkpoints/RESULTS.md`` (the table README quotes). Runs on CPU in about 10 minutes
 on 2 cores; every number depends only on the seeds below.
@@ -28,13 +31,13 @@ RECIPES = {
 }
 
 
-def run(name: str) -> float:
-    tmp = OUT / f"_run_{name}"
+def run(name: str, out: Path = OUT) -> float:
+    tmp = out / f"_run_{name}"
     t0 = time.perf_counter()
     code = vlat(["train", *RECIPES[name], "--out", str(tmp), "--eval-size", "300", "--no-progress"])
     if code:
         sys.exit(code)
-    shutil.copy(tmp / "model.safetensors", OUT / f"{name}.safetensors")
+    shutil.copy(tmp / "model.safetensors", out / f"{name}.safetensors")
     shutil.rmtree(tmp)
     return time.perf_counter() - t0
 
@@ -60,5 +63,19 @@ def main(names=tuple(RECIPES)) -> None:
     print("\n".join(text))
 
 
+def check(name: str, out: Path) -> None:
+    """Retrain one recipe into ``out`` and compare its weights with the shipped file."""
+    from vlat.checkpoint import load_tensors
+
+    out.mkdir(parents=True, exist_ok=True)
+    run(name, out)
+    a, b = load_tensors(OUT / f"{name}.safetensors"), load_tensors(out / f"{name}.safetensors")
+    diff = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+    print(f"{name}: max |weight difference| to the shipped checkpoint = {diff:.3g}")
+
+
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) == 4 and sys.argv[1] == "--check":  # --check NAME OUT_DIR
+        check(sys.argv[2], Path(sys.argv[3]))
+    else:
+        main()

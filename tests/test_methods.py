@@ -312,3 +312,23 @@ def test_weight_table_snippet_restores_the_embedding_matrix_before_the_update(cl
     getattr(weight_table, cls)(eps=0.5)(ctx, make_batch("itm"))
     assert torch.equal(seen["emb"], before)        # the perturbation never leaks into the weights
     assert not torch.equal(emb.detach(), before)   # and the update itself happened
+
+
+@pytest.mark.parametrize("name,task,site", SITES)
+def test_captured_site_gradient_equals_the_zero_delta_gradient(name, task, site):
+    """The clean pass of FGM/PGD reads ∇_x L from the kept site output; it must equal ∇_δ L at δ = 0."""
+    from vlat.adversarial.base import forward_capturing, site_grads
+
+    torch.manual_seed(0)
+    model = build_model(name, "nano").eval()
+    batch = make_batch(task)
+    out, outputs = forward_capturing(model, batch, (site,), task)
+    out.loss.backward()
+    captured = site_grads(outputs)[site]
+    model.zero_grad()
+    zero = torch.zeros(model.perturbation_sites()[site].shape(batch), requires_grad=True)
+    with perturbed(model, {site: zero}, batch):
+        model(batch, task).loss.backward()
+    mask = model.perturbation_sites()[site].mask(batch)
+    assert captured.abs().sum() > 0
+    assert torch.allclose(captured * mask, zero.grad, atol=1e-7)

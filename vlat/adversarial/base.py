@@ -136,6 +136,39 @@ class Adversary:
         return out
 
 
+def forward_capturing(ctx_or_model, batch: dict, site_names, task: str | None = None):
+    """A clean forward that keeps each site's output (with ``retain_grad``), so the backward the step
+    needs anyway also yields ``∇_x L`` at every site, with no zero δ to add. Returns ``(out, outputs)``;
+    after ``backward``, ``outputs[name].grad`` is the site gradient."""
+    model = getattr(ctx_or_model, "model", ctx_or_model)
+    sites = model.perturbation_sites()
+    outputs, handles = {}, []
+
+    def keep(name):
+        def hook(module, args, output):
+            if not output.requires_grad:  # an input site (pixels, region features): make it a leaf
+                output = output.detach().requires_grad_(True)
+            else:
+                output.retain_grad()
+            outputs[name] = output
+            return output
+        return hook
+
+    try:
+        for name in site_names:
+            handles.append(sites[name].module.register_forward_hook(keep(name)))
+        out = forward_with(ctx_or_model, batch, None, task)
+    finally:
+        for h in handles:
+            h.remove()
+    return out, outputs
+
+
+def site_grads(outputs: dict, like: dict | None = None) -> dict[str, torch.Tensor]:
+    """``∇`` at each captured site output (zeros where the graph did not reach, e.g. a frozen input)."""
+    return {k: (o.grad if o.grad is not None else torch.zeros_like(o)).float() for k, o in outputs.items()}
+
+
 def forward_with(ctx_or_model, batch: dict, deltas: dict | None, task: str | None = None):
     """Run the task with δ attached (through a :class:`StepContext` for autocast, or a bare model)."""
     model = getattr(ctx_or_model, "model", ctx_or_model)

@@ -5,8 +5,8 @@ Classification*, ICLR 2017. Perturbs embeddings under L2: ``δ = ε · g / ||g||
 **FGSM** — Goodfellow, Shlens & Szegedy, *Explaining and Harnessing Adversarial Examples*, ICLR 2015.
 L-inf: ``δ = ε · sign(g)``; on pixels ``x_adv = clamp(x + δ, 0, 1)`` (the site clamps).
 
-Training step (METHODS.md §2): (1) clean forward/backward — δ = 0 is attached so the same backward
-also yields ``g``; (2) build δ; (3) adversarial forward/backward, parameter gradients **accumulate**
+Training step (METHODS.md §2): (1) clean forward/backward — the site outputs are kept with
+``retain_grad`` so the same backward also yields ``g`` (no zero δ is added); (2) build δ; (3) adversarial forward/backward, parameter gradients **accumulate**
 onto (1); (4) δ is dropped; (5) one optimiser step. Cost: 2 passes.
 
 Args (reference defaults): ``eps`` 1.0 for FGM on embeddings (L2), 8/255 for FGSM on pixels (L-inf).
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vlat.adversarial.base import Adversary, forward_with, normalize_grad
+from vlat.adversarial.base import Adversary, forward_capturing, forward_with, normalize_grad, site_grads
 
 
 @dataclass
@@ -31,25 +31,27 @@ class FGM(Adversary):
     norm: str = "l2"
     eps: float = 1.0
 
-    def perturbation(self, model, batch, deltas, grads) -> dict[str, torch.Tensor]:
-        """``δ = ε · normalize(g) ⊙ m`` from the clean-pass gradient (no projection needed: ||δ|| = ε)."""
+    def perturbation(self, model, batch, grads) -> dict[str, torch.Tensor]:
+        """``δ = ε · normalize(g ⊙ m)`` from the clean-pass gradient (no projection needed: ||δ|| = ε)."""
         sites = self.resolve_sites(model)
-        return {k: (self.eps * normalize_grad(grads[k], self.norm) * sites[k].mask(batch).to(d.device)).detach()
-                for k, d in deltas.items()}
+        out = {}
+        for k, g in grads.items():
+            m = sites[k].mask(batch).to(g.device)
+            out[k] = (self.eps * normalize_grad(g * m, self.norm) * m).detach()
+        return out
 
     def attack(self, model, batch, task) -> dict[str, torch.Tensor]:
         """δ alone (parameters untouched): one gradient of the loss w.r.t. δ at 0."""
         zeros = self.new_deltas(model, batch)
         loss = forward_with(model, batch, zeros, task).loss
         grads = dict(zip(zeros, torch.autograd.grad(loss, list(zeros.values()))))
-        return self.perturbation(model, batch, zeros, grads)
+        return self.perturbation(model, batch, grads)
 
     def __call__(self, ctx, batch) -> torch.Tensor:
-        zeros = self.new_deltas(ctx.model, batch)
-        clean = forward_with(ctx, batch, zeros)                       # (1) clean pass, δ = 0 attached
-        ctx.backward(clean.loss)
-        grads = {k: d.grad for k, d in zeros.items()}
-        adv = forward_with(ctx, batch, self.perturbation(ctx.model, batch, zeros, grads))  # (2)-(3)
+        self.resolve_sites(ctx.model)
+        clean, outputs = forward_capturing(ctx, batch, self.sites)   # (1) clean pass keeps site outputs
+        ctx.backward(clean.loss)                                      # ... so this backward also gives ∇_x L
+        adv = forward_with(ctx, batch, self.perturbation(ctx.model, batch, site_grads(outputs)))  # (2)-(3)
         ctx.backward(adv.loss)                                        # accumulates onto the clean grads
         ctx.optimizer_step(clean.loss + adv.loss)                     # (5)
         return clean.loss.detach()

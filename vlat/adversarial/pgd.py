@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vlat.adversarial.base import Adversary, check_number, forward_with
+from vlat.adversarial.base import Adversary, check_number, forward_capturing, forward_with, site_grads
 
 
 @dataclass
@@ -61,10 +61,16 @@ class PGD(Adversary):
         return (deltas, losses) if return_losses else deltas
 
     def __call__(self, ctx, batch) -> torch.Tensor:
-        deltas = self.start(ctx.model, batch, self.random_start)
-        clean = forward_with(ctx, batch, deltas)                    # pass 1: clean (δ₀) loss and g
-        ctx.backward(clean.loss)
-        grads = {k: d.grad for k, d in deltas.items()}
+        if self.random_start:
+            deltas = self.start(ctx.model, batch, True)
+            clean = forward_with(ctx, batch, deltas)                # pass 1: loss and g at δ₀
+            ctx.backward(clean.loss)
+            grads = {k: d.grad for k, d in deltas.items()}
+        else:                                                       # pass 1: clean loss; g from the site outputs
+            deltas = self.start(ctx.model, batch, False)
+            clean, outputs = forward_capturing(ctx, batch, self.sites)
+            ctx.backward(clean.loss)
+            grads = site_grads(outputs)
         for t in range(self.steps):
             deltas = self.ascend(ctx.model, batch, deltas, grads)
             adv = forward_with(ctx, batch, deltas)
