@@ -1,0 +1,147 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 01 · FGSM and FGM: one gradient step is enough to fool a model
+#
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/vlat-project/vlat/blob/main/notebooks/01_fgsm_fgm.ipynb)
+#
+# **FGSM** (Goodfellow et al., 2015) moves every input entry by ε in the direction that raises the loss:
+# $\delta = \varepsilon\,\mathrm{sign}(\nabla_x L)$. **FGM** (Miyato et al., 2017) takes the L2 version,
+# $\delta = \varepsilon\, g/\lVert g\rVert_2$, and applies it where text models can be perturbed: on the
+# word embeddings. Training on $x+\delta$ as well as $x$ is the simplest adversarial defence.
+#
+# The rhythm of this notebook: clean prediction → the attack → what δ looks like → the defence →
+# clean vs adversarial side by side.
+
+# %%
+import sys
+
+if "google.colab" in sys.modules:
+    import subprocess
+
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "git+https://github.com/vlat-project/vlat"], check=True)
+
+# %% tags=["parameters"]
+import os
+
+FAST = os.environ.get("VLAT_FAST") == "1"
+TRAIN_SCENES = 256 if FAST else 2000   # scenes for the defence experiment
+EPOCHS = 1 if FAST else 8              # its epochs (same for both runs)
+EVAL_SCENES = 64 if FAST else 300      # test scenes
+SEED = 0
+
+# %%
+from pathlib import Path
+
+import torch
+
+import vlat
+from vlat.adversarial import FGM, FGSM
+from vlat.evaluate import accuracy, markdown_table, robust_accuracy
+from vlat.explain import adversarial_triptych, image_heatmap, ood_bars, patch_grid, token_bars, token_magnitudes
+from vlat.models import build_model, load_model, perturbed
+from vlat.train import TrainConfig, train
+from vlat.world import Collator, WorldDataset, load_tokenizer
+
+torch.manual_seed(SEED)
+CKPT = Path(vlat.__file__).parents[1] / "data_samples" / "checkpoints" / "single_stream_tiny_itm.safetensors"
+model = load_model(CKPT)
+tok = load_tokenizer()
+collate = Collator(tok, "itm")
+
+# %% [markdown]
+# ## 1 · A clean prediction
+# The shipped single-stream model answers "does this caption match this image?" (ITM).
+
+# %%
+test = WorldDataset("itm", "test", 64, SEED)
+i = next(k for k in range(64) if test[k]["label"] == 1)  # a matching pair
+batch = collate([test[i]])
+with torch.no_grad():
+    clean = model(batch, "itm")
+p_clean = clean.logits.softmax(-1)[0, 1].item()
+print(f"caption: {test[i]['text']!r}   P(match) = {p_clean:.3f}   loss = {clean.loss.item():.3f}")
+
+# %% [markdown]
+# ## 2 · FGSM on pixels
+# One gradient, its sign, times ε = 8/255: a change of at most 8 grey levels per pixel.
+
+# %%
+fgsm = FGSM(sites=("pixels",), eps=8 / 255)
+delta = fgsm.attack(model, batch, "itm")
+with torch.no_grad(), perturbed(model, delta, batch):
+    adv = model(batch, "itm")
+print(f"P(match): clean {p_clean:.3f} -> FGSM {adv.logits.softmax(-1)[0, 1].item():.3f}; "
+      f"max |δ| = {delta['pixels'].abs().max().item() * 255:.1f}/255")
+adversarial_triptych(batch["pixel_values"][0], delta["pixels"][0])
+
+# %% [markdown]
+# ## 3 · FGM on the words and on the image regions
+# Text models cannot change a pixel: FGM perturbs the *embedding* of each word, under an L2 ball for
+# the whole caption. Which words did the gradient pick?
+
+# %%
+fgm = FGM(sites=("text", "image"), eps=1.0)
+delta = fgm.attack(model, batch, "itm")
+with torch.no_grad(), perturbed(model, delta, batch):
+    adv = model(batch, "itm")
+print(f"P(match): clean {p_clean:.3f} -> FGM {adv.logits.softmax(-1)[0, 1].item():.3f}")
+sites = model.perturbation_sites()
+n = int(batch["attention_mask"][0].sum())
+words = tok.convert_ids_to_tokens(batch["input_ids"][0, :n].tolist())
+token_bars(words, token_magnitudes(delta["text"], sites["text"])[0, :n])
+
+# %%
+grid = patch_grid(delta["image"], sites["image"], model.config.image_size, model.config.patch_size)
+image_heatmap(batch["pixel_values"][0], grid[0], "‖δ‖ per region")
+
+# %% [markdown]
+# ## 4 · How large must ε be?
+# Drag ε and watch P(match) fall (in CI the slider is only drawn).
+
+# %%
+import ipywidgets as widgets
+
+
+def p_match(eps: float) -> float:
+    d = FGM(sites=("text",), eps=eps).attack(model, batch, "itm")
+    with torch.no_grad(), perturbed(model, d, batch):
+        return model(batch, "itm").logits.softmax(-1)[0, 1].item()
+
+
+for eps in (0.0, 0.25, 0.5, 1.0, 2.0):
+    print(f"eps {eps:4.2f}: P(match) = {p_match(eps):.3f}")
+widgets.interact(lambda eps: print(f"P(match) = {p_match(eps):.3f}"),
+                 eps=widgets.FloatSlider(value=0.5, min=0.0, max=3.0, step=0.1, description="ε"));
+
+# %% [markdown]
+# ## 5 · The defence: train on clean + FGM examples
+# Same model, same data, same epochs; only the step function differs. FGM costs two passes per batch.
+
+# %%
+data = WorldDataset("itm", "train", TRAIN_SCENES, SEED)
+test = WorldDataset("itm", "test", EVAL_SCENES, SEED)
+attack = FGM(sites=("text",), eps=1.0)
+rows = {}
+for name, step in [("clean training", None), ("FGM training", FGM(sites=("text", "image"), eps=1.0))]:
+    torch.manual_seed(SEED)
+    m = build_model("single_stream", "tiny")
+    kw = {} if step is None else {"step_fn": step}
+    state = train(m, "itm", data, TrainConfig(epochs=EPOCHS, seed=SEED, progress=False), collate_fn=collate, **kw)
+    rows[name] = {"clean acc": accuracy(m, test, "itm", tok),
+                  "acc under FGM (text, eps 1)": robust_accuracy(m, test, "itm", attack, tok)}
+    print(f"{name}: {state.step} steps in {state.seconds:.1f} s")
+print(markdown_table(rows))
+ood_bars(rows, "clean vs adversarial accuracy")
+
+# %% [markdown]
+# The FGM-trained model gives up less under the attack it was trained against. Whether that holds
+# against a stronger, multi-step attacker is the question of the next notebook (PGD).

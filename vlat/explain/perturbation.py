@@ -1,0 +1,58 @@
+"""Where a perturbation went: per-token and per-patch magnitudes of δ, and their figures."""
+
+from __future__ import annotations
+
+import torch
+
+from vlat.models.base import PerturbationSite
+
+
+def token_magnitudes(delta: torch.Tensor, site: PerturbationSite) -> torch.Tensor:
+    """L2 norm of δ per token ``[B, N]`` (tokens as the site defines them: words, patches, pixels)."""
+    return site.tokens(delta.detach().float()).norm(dim=-1)
+
+
+def patch_grid(delta: torch.Tensor, site: PerturbationSite, image_size: int, patch_size: int) -> torch.Tensor:
+    """Per-patch magnitude as an ``[B, h, w]`` grid, for any image site (pixels are pooled into patches)."""
+    mags = token_magnitudes(delta, site)                                     # [B, N]
+    if site.token_axes == "BCHW":                                            # pixels: pool into patches
+        side = int(mags.shape[1] ** 0.5)
+        px = mags.view(-1, 1, side, side) ** 2
+        return torch.nn.functional.avg_pool2d(px, patch_size).mul(patch_size**2).sqrt()[:, 0]
+    n = image_size // patch_size
+    return mags.view(-1, n, n)
+
+
+def token_bars(tokens: list[str], magnitudes, title: str = "‖δ‖ per token"):
+    """Bar chart of δ's size on each word (padding already dropped by the caller)."""
+    import plotly.graph_objects as go
+
+    m = [float(v) for v in magnitudes]
+    fig = go.Figure(go.Bar(x=list(range(len(tokens))), y=m, text=tokens, textposition="outside"))
+    fig.update_layout(title=title, xaxis=dict(tickvals=list(range(len(tokens))), ticktext=tokens), yaxis_title="‖δ‖₂",
+                      height=320)
+    return fig
+
+
+def image_heatmap(image: torch.Tensor, grid: torch.Tensor, title: str = "‖δ‖ per patch"):
+    """The image beside a heat map of per-patch magnitude."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    arr = (image.detach().clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("image", title))
+    fig.add_trace(go.Image(z=arr), row=1, col=1)
+    fig.add_trace(go.Heatmap(z=grid.detach().float().numpy(), colorscale="Inferno", showscale=True), row=1, col=2)
+    fig.update_yaxes(autorange="reversed", row=1, col=2)
+    fig.update_xaxes(visible=False).update_yaxes(visible=False)
+    fig.update_layout(height=300, width=620, margin=dict(l=5, r=5, t=40, b=5))
+    return fig
+
+
+def adversarial_triptych(image: torch.Tensor, delta: torch.Tensor, titles=("x", "δ (magnified)", "x + δ")):
+    """Clean image, δ rescaled to fill [0, 1], and the clamped adversarial image."""
+    from vlat.explain.figures import scene_grid
+
+    d = delta.detach().float()
+    shown = 0.5 + 0.5 * d / d.abs().max().clamp_min(1e-12)
+    return scene_grid(torch.stack([image, shown, (image + d).clamp(0, 1)]), list(titles), cols=3, size=200)
