@@ -75,6 +75,33 @@ def robust_accuracy(model: VLModel, dataset, task: str, attack, tokenizer=None, 
     return correct / max(1, total)
 
 
+def compare_training(steps: dict, build, task: str, train_data, test_data, attacks: dict, config=None,
+                     tokenizer=None) -> dict[str, dict[str, float]]:
+    """Train one fresh model per step function (same seed, data and epochs) and score each clean and
+    under each attack: ``{name: {"clean acc": .., "acc under <attack>": .., "train s": ..}}``.
+
+    ``steps`` maps a name to a step function (``None`` = clean training); ``build()`` returns a fresh
+    model; ``attacks`` maps a column name to an attack object."""
+    from vlat.train import TrainConfig, train
+    from vlat.world.tokenizer import load_tokenizer
+
+    config = config or TrainConfig(progress=False)
+    tokenizer = tokenizer or load_tokenizer()
+    collate = Collator(tokenizer, task)
+    rows = {}
+    for name, step in steps.items():
+        torch.manual_seed(config.seed)
+        model = build()
+        kw = {} if step is None else {"step_fn": step}
+        state = train(model, task, train_data, config, collate_fn=collate, **kw)
+        row = {"clean acc": accuracy(model, test_data, task, tokenizer)}
+        for col, attack in attacks.items():
+            row[f"acc under {col}"] = robust_accuracy(model, test_data, task, attack, tokenizer, seed=config.seed)
+        row["train s"] = round(state.seconds, 1)
+        rows[name] = row
+    return rows
+
+
 def truth_matrix(scenes, claims) -> torch.Tensor:
     """``[N_images, N_captions]`` booleans: is caption j true of image i."""
     return torch.tensor([[C.holds(s, c) for c in claims] for s in scenes], dtype=torch.bool)
@@ -167,5 +194,5 @@ def markdown_table(rows: dict[str, dict[str, float]], digits: int = 3) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["accuracy", "robust_accuracy", "evaluate_task", "markdown_table", "ood_table", "recall_at_k", "retrieval", "similarity",
+__all__ = ["accuracy", "compare_training", "robust_accuracy", "evaluate_task", "markdown_table", "ood_table", "recall_at_k", "retrieval", "similarity",
            "truth_matrix", "resolve_device"]

@@ -47,10 +47,10 @@ import torch
 
 import vlat
 from vlat.adversarial import FGM, PGD, per_example_norm
-from vlat.evaluate import accuracy, markdown_table, robust_accuracy
+from vlat.evaluate import accuracy, compare_training, markdown_table, robust_accuracy
 from vlat.explain import image_heatmap, loss_curve, ood_bars, patch_grid
 from vlat.models import build_model, load_model, perturbed
-from vlat.train import TrainConfig, train
+from vlat.train import TrainConfig
 from vlat.world import Collator, WorldDataset, load_tokenizer
 
 torch.manual_seed(SEED)
@@ -108,14 +108,9 @@ for k, v in curve.items():
 
 # %%
 data = WorldDataset("itm", "train", TRAIN_SCENES, SEED)
-attack = PGD(sites=("image",), eps=2.0, step_size=0.5, steps=STEPS)
-rows = {}
-for name, step in [("clean training", None), ("PGD-3 training", PGD(sites=("image",), eps=2.0, step_size=0.7, steps=3))]:
-    torch.manual_seed(SEED)
-    m = build_model("single_stream", "tiny")
-    kw = {} if step is None else {"step_fn": step}
-    state = train(m, "itm", data, TrainConfig(epochs=EPOCHS, seed=SEED, progress=False), collate_fn=collate, **kw)
-    rows[name] = {"clean acc": accuracy(m, test, "itm", tok), "acc under PGD-10": robust_accuracy(m, test, "itm", attack, tok)}
-    print(f"{name}: {state.step} steps in {state.seconds:.1f} s")
+rows = compare_training({"clean training": None, "PGD-3 training": PGD(sites=("image",), eps=2.0, step_size=0.7, steps=3)},
+                        lambda: build_model("single_stream", "tiny"), "itm", data, test,
+                        {"PGD-10": PGD(sites=("image",), eps=2.0, step_size=0.5, steps=STEPS)},
+                        TrainConfig(epochs=EPOCHS, seed=SEED, progress=False))
 print(markdown_table(rows))
-ood_bars(rows, "clean vs PGD-10 accuracy")
+ood_bars({k: {c: v for c, v in r.items() if c != "train s"} for k, r in rows.items()}, "clean vs PGD-10 accuracy")
