@@ -63,7 +63,10 @@ collate = Collator(tok, "itm")
 
 # %%
 test = WorldDataset("itm", "test", 64, SEED)
-i = next(k for k in range(64) if test[k]["label"] == 1)  # a matching pair
+with torch.no_grad():  # the matching pair the model is surest of: the attack has to undo a confident answer
+    p_all = model(collate([test[k] for k in range(64)]), "itm").logits.softmax(-1)[:, 1]
+positives = [k for k in range(64) if test[k]["label"] == 1]
+i = max(positives, key=lambda k: p_all[k].item())
 batch = collate([test[i]])
 with torch.no_grad():
     clean = model(batch, "itm")
