@@ -332,3 +332,15 @@ def test_captured_site_gradient_equals_the_zero_delta_gradient(name, task, site)
     mask = model.perturbation_sites()[site].mask(batch)
     assert captured.abs().sum() > 0
     assert torch.allclose(captured * mask, zero.grad, atol=1e-7)
+
+
+def test_trace_records_every_inner_step():
+    torch.manual_seed(0)
+    model = build_model("single_stream", "nano").train()
+    fl = FreeLB(sites=("text",), steps=3, trace=True)
+    fl(ctx_for(model, "itm"), make_batch("itm"))
+    assert [r["step"] for r in fl.last_trace] == [0, 1, 2]
+    pgd = PGD(sites=("image",), eps=0.5, steps=4, trace=True)
+    pgd.attack(model.eval(), make_batch("itm"), "itm")
+    assert len(pgd.last_trace) == 4 and all(r["|δ| image"] <= 0.5 + 1e-5 for r in pgd.last_trace)
+    assert FreeLB(sites=("text",)).last_trace == []  # off by default: no host syncs in the inner loop

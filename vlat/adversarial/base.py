@@ -97,8 +97,10 @@ class Adversary:
     norm: str = "l2"                      # "l2" or "linf"
     eps: float = 1.0                      # radius of the ball; <= 0 means unbounded where allowed
     step_size: float = 0.1                # ascent step η (adv_lr)
+    trace: bool = False                   # record (loss, ‖δ‖) of every inner step in self.last_trace
 
     def __post_init__(self):
+        self.last_trace: list[dict] = []
         if isinstance(self.sites, str):
             self.sites = (self.sites,)
         self.sites = tuple(self.sites)
@@ -108,6 +110,13 @@ class Adversary:
         check_number("step_size", self.step_size, 0.0)
 
     # -- helpers for subclasses -----------------------------------------------------------------
+    def record(self, step: int, loss: torch.Tensor, deltas: dict) -> None:
+        """Keep one inner step's loss and per-site mean ‖δ‖ when ``trace`` is on (a sync; off by default)."""
+        if self.trace:
+            row = {"step": step, "loss": float(loss.detach())}
+            row.update({f"|δ| {k}": float(per_example_norm(d.detach(), self.norm).mean()) for k, d in deltas.items()})
+            self.last_trace.append(row)
+
     def resolve_sites(self, model: VLModel) -> dict:
         sites = model.perturbation_sites()
         unknown = [s for s in self.sites if s not in sites]

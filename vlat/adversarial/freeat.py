@@ -43,8 +43,10 @@ class FreeAT(Adversary):
     def __call__(self, ctx, batch) -> torch.Tensor:
         deltas = self.new_deltas(ctx.model, batch)
         first = None
-        for _ in range(self.replays):
+        self.last_trace = []
+        for r in range(self.replays):
             out = forward_with(ctx, batch, deltas)
+            self.record(r, out.loss, deltas)
             ctx.backward(out.loss)                                   # θ-grads and δ-grad in one pass
             grads = {k: d.grad for k, d in deltas.items()}
             ctx.optimizer_step(out.loss)

@@ -71,11 +71,13 @@ class FreeLB(Adversary):
         """Run the K steps, leaving (1/K)-weighted parameter gradients in ``.grad``; returns the mean loss
         and the final δ."""
         deltas = self.new_deltas(ctx.model, batch, "uniform", self.init_mag)
+        self.last_trace = []
         total = 0.0
         with SameDropout(ctx.device) as same:
             for t in range(self.steps):
                 same.replay()
                 loss, _ = self.step_loss(ctx, batch, deltas)
+                self.record(t, loss, deltas)
                 loss = loss / self.steps
                 ctx.backward(loss)                                  # θ-grads accumulate over the K steps
                 total = total + loss.detach()

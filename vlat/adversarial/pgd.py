@@ -52,9 +52,11 @@ class PGD(Adversary):
         """PGD-K on a fixed model: returns ``{site: δ_K}`` (and the loss at each step if asked)."""
         deltas = self.start(model, batch, random_start, generator)
         losses = []
-        for _ in range(self.steps):
+        self.last_trace = []
+        for t in range(self.steps):
             loss = forward_with(model, batch, deltas, task).loss
             losses.append(float(loss.detach()))
+            self.record(t, loss, deltas)
             grads = dict(zip(deltas, torch.autograd.grad(loss, list(deltas.values()))))
             deltas = self.ascend(model, batch, deltas, grads)
         deltas = {k: d.detach() for k, d in deltas.items()}

@@ -53,7 +53,8 @@ class YOPO(Adversary):
         block, _ = model.layer_one(site)
         deltas = self.new_deltas(model, batch)
         total = 0.0
-        for _ in range(self.outer):
+        self.last_trace = []
+        for j in range(self.outer):
             box = {}
 
             def keep(module, args, output):
@@ -66,6 +67,7 @@ class YOPO(Adversary):
                 out = forward_with(ctx, batch, deltas)
             finally:
                 h.remove()
+            self.record(j, out.loss, deltas)
             loss = out.loss / self.outer
             ctx.backward(loss)                                      # θ-grads accumulate over m passes
             total = total + loss.detach()
