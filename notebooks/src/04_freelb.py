@@ -1,0 +1,133 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 04 · FreeLB: K ascent steps, and every one of them trains the model
+#
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/vlat-project/vlat/blob/main/notebooks/04_freelb.ipynb)
+#
+# PGD throws away the parameter gradients of its first K − 1 steps. **FreeLB** (Zhu et al., ICLR 2020)
+# keeps them: each step back-propagates $L(x+\delta_t)/K$, so after K steps the parameters hold the
+# average gradient over K adversarial points, a "virtual K× batch", for the price of K passes.
+#
+# $$\delta_0 \sim U(-1,1)\odot m\cdot\frac{\text{init\_mag}}{\sqrt{\text{len}\cdot D}},\qquad
+#   \delta_{t} = \Pi_\varepsilon\!\Big(\delta_{t-1} + \eta\,\frac{g_t}{\lVert g_t\rVert}\Big),\qquad
+#   \nabla_\theta \mathrel{+}= \tfrac1K\nabla_\theta L(x+\delta_{t-1})$$
+#
+# VILLA (notebook 07) is FreeLB plus a KL term, applied to image and text.
+
+# %%
+import sys
+
+if "google.colab" in sys.modules:
+    import subprocess
+
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "git+https://github.com/vlat-project/vlat"], check=True)
+
+# %% tags=["parameters"]
+import os
+
+FAST = os.environ.get("VLAT_FAST") == "1"
+TRAIN_SCENES = 256 if FAST else 2000
+EPOCHS = 1 if FAST else 8
+EVAL_SCENES = 64 if FAST else 300
+SEED = 0
+
+# %%
+import torch
+
+from vlat.adversarial import PGD, FreeLB
+from vlat.evaluate import compare_training, markdown_table
+from vlat.explain import ood_bars, token_bars, token_magnitudes
+from vlat.models import build_model, perturbed
+from vlat.train import StepContext, TrainConfig, TrainState, make_optimizer
+from vlat.world import Collator, WorldDataset, load_tokenizer
+
+torch.manual_seed(SEED)
+tok = load_tokenizer()
+collate = Collator(tok, "itm")
+batch = collate([WorldDataset("itm", "train", 16, SEED)[k] for k in range(16)])
+model = build_model("single_stream", "tiny", dropout=0.1).train()   # dropout on: see section 3
+
+
+def fresh_context(model):
+    cfg = TrainConfig(seed=SEED, device="cpu")
+    opt, sched = make_optimizer(model, cfg, 100)
+    return StepContext(model, "itm", opt, sched, cfg, torch.device("cpu"), TrainState())
+
+
+# %% [markdown]
+# ## 1 · The K steps: loss rises, δ grows
+# `accumulate` runs the ascent and leaves the averaged gradient in `.grad` (the loop then steps once).
+
+# %%
+freelb = FreeLB(sites=("text",), steps=4, step_size=0.3, init_mag=0.2, eps=0.0, trace=True)
+loss, final = freelb.accumulate(fresh_context(model), batch)
+for r in freelb.last_trace:
+    print(f"step {r['step']}: loss {r['loss']:.4f}   mean ‖δ‖ {r['|δ| text']:.3f}")
+n = int(batch["attention_mask"][0].sum())
+token_bars(tok.convert_ids_to_tokens(batch["input_ids"][0, :n].tolist()),
+           token_magnitudes(final["text"], model.perturbation_sites()["text"])[0, :n], "final δ per word")
+
+# %% [markdown]
+# ## 2 · The accumulated gradient is the mean of the K per-step gradients
+# Recompute each step's gradient separately and compare with what FreeLB accumulated.
+
+# %%
+model.zero_grad()
+rng = torch.get_rng_state()
+freelb.trace = False
+freelb.accumulate(fresh_context(model), batch)
+used = [p for p in model.parameters() if p.grad is not None]
+accumulated = torch.cat([p.grad.flatten() for p in used])
+torch.set_rng_state(rng)
+deltas = freelb.new_deltas(model, batch, "uniform", freelb.init_mag)
+dropout_state = torch.get_rng_state()
+per_step = []
+for t in range(freelb.steps):
+    model.zero_grad()
+    torch.set_rng_state(dropout_state)                     # the same dropout masks every step
+    with perturbed(model, deltas, batch):
+        model(batch, "itm").loss.backward()
+    per_step.append(torch.cat([p.grad.flatten() for p in used]))
+    if t < freelb.steps - 1:
+        deltas = freelb.ascend(model, batch, deltas, {k: d.grad for k, d in deltas.items()})
+mean = torch.stack(per_step).mean(0)
+print(f"max |accumulated - mean of steps| = {(accumulated - mean).abs().max():.2e}  (gradient scale {mean.abs().max():.2e})")
+
+# %% [markdown]
+# ## 3 · Why the dropout masks must stay fixed
+# If each step drew new dropout masks, δ would chase a different network every step. FreeLB reuses
+# them (here: the RNG state is restored before each step). Fresh masks change the loss surface under δ:
+
+# %%
+with torch.no_grad():
+    torch.manual_seed(1)
+    a = model(batch, "itm").loss.item()
+    torch.manual_seed(1)
+    b = model(batch, "itm").loss.item()
+    c = model(batch, "itm").loss.item()
+print(f"same masks: {a:.4f} vs {b:.4f}   new masks: {c:.4f}")
+
+# %% [markdown]
+# ## 4 · Training with FreeLB vs PGD at the same K
+# FreeLB-3 costs 3 passes, PGD-3 costs 4; compare what each buys.
+
+# %%
+data = WorldDataset("itm", "train", TRAIN_SCENES, SEED)
+test = WorldDataset("itm", "test", EVAL_SCENES, SEED)
+attack = {"PGD-10 (text, eps 1)": PGD(sites=("text",), eps=1.0, step_size=0.25, steps=10)}
+rows = compare_training({"clean": None,
+                         "PGD-3": PGD(sites=("text",), eps=1.0, step_size=0.4, steps=3),
+                         "FreeLB-3": FreeLB(sites=("text",), steps=3, step_size=0.4, init_mag=0.2, eps=1.0)},
+                        lambda: build_model("single_stream", "tiny"), "itm", data, test, attack,
+                        TrainConfig(epochs=EPOCHS, seed=SEED, progress=False))
+print(markdown_table(rows))
+ood_bars({k: {c: v for c, v in r.items() if c != "train s"} for k, r in rows.items()}, "clean vs PGD-10 accuracy")
