@@ -103,6 +103,17 @@ for k, v in curve.items():
     print(f"  {k}: robust {v:.3f}")
 
 # %% [markdown]
+# Try it: robust accuracy for your own ε and number of steps (in CI the controls are only drawn).
+
+# %%
+import ipywidgets as widgets
+
+widgets.interact_manual(
+    lambda eps, steps: print(f"robust accuracy {robust_accuracy(model, test, 'itm', PGD(sites=('image',), eps=eps, step_size=eps / 4, steps=steps), tok):.3f}"),
+    eps=widgets.FloatSlider(value=2.0, min=0.25, max=8.0, step=0.25, description="ε"),
+    steps=widgets.IntSlider(value=10, min=1, max=20, description="K"));
+
+# %% [markdown]
 # ## 4 · The defence: PGD adversarial training
 # Training on the final PGD iterate (K = 3) against clean training, same data and epochs.
 

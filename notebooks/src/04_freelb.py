@@ -77,6 +77,23 @@ token_bars(tok.convert_ids_to_tokens(batch["input_ids"][0, :n].tolist()),
            token_magnitudes(final["text"], model.perturbation_sites()["text"])[0, :n], "final δ per word")
 
 # %% [markdown]
+# Change K and the step size and rerun the ascent (in CI the controls are only drawn):
+
+# %%
+import ipywidgets as widgets
+
+
+def show_steps(K, eta):
+    f = FreeLB(sites=("text",), steps=K, step_size=eta, init_mag=0.2, eps=0.0, trace=True)
+    f.accumulate(fresh_context(model), batch)
+    model.zero_grad()
+    print("  ".join(f"{r['loss']:.3f}" for r in f.last_trace))
+
+
+widgets.interact_manual(show_steps, K=widgets.IntSlider(value=4, min=1, max=8, description="K"),
+                        eta=widgets.FloatSlider(value=0.3, min=0.05, max=1.0, step=0.05, description="η"));
+
+# %% [markdown]
 # ## 2 · The accumulated gradient is the mean of the K per-step gradients
 # Recompute each step's gradient separately and compare with what FreeLB accumulated.
 
