@@ -65,8 +65,7 @@ def robust_accuracy(model: VLModel, dataset, task: str, attack, tokenizer=None, 
         with torch.no_grad():
             out = model(batch, task)
         ok = out.logits.argmax(-1) == out.labels
-        kw = {"generator": g} if "generator" in attack.attack.__code__.co_varnames else {}
-        deltas = attack.attack(model, batch, task, **kw)
+        deltas = attack.attack(model, batch, task, generator=g)
         with torch.no_grad(), perturbed(model, deltas, batch):
             adv = model(batch, task)
         correct += int((ok & (adv.logits.argmax(-1) == adv.labels)).sum())

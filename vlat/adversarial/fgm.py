@@ -40,8 +40,9 @@ class FGM(Adversary):
             out[k] = (self.eps * normalize_grad(g * m, self.norm) * m).detach()
         return out
 
-    def attack(self, model, batch, task) -> dict[str, torch.Tensor]:
-        """δ alone (parameters untouched): one gradient of the loss w.r.t. δ at 0."""
+    def attack(self, model, batch, task, generator=None) -> dict[str, torch.Tensor]:
+        """δ alone (parameters untouched): one gradient of the loss w.r.t. δ at 0 (deterministic, so
+        ``generator`` is unused; it keeps one signature for every attack)."""
         zeros = self.new_deltas(model, batch)
         loss = forward_with(model, batch, zeros, task).loss
         grads = dict(zip(zeros, torch.autograd.grad(loss, list(zeros.values()))))
