@@ -93,6 +93,14 @@ class StepContext:
         self.amp_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
         self.scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
 
+    @classmethod
+    def standalone(cls, model: VLModel, task: str, config: TrainConfig | None = None, total_steps: int = 100):
+        """A context outside the loop (notebooks, benchmarks): its own AdamW and schedule, fresh state."""
+        config = config or TrainConfig(progress=False)
+        device = resolve_device(config.device)
+        opt, sched = make_optimizer(model, config, total_steps)
+        return cls(model, task, opt, sched, config, device, TrainState())
+
     def autocast(self):
         if self.amp_dtype is None:
             return contextlib.nullcontext()

@@ -48,20 +48,13 @@ from vlat.evaluate import compare_training, markdown_table
 from vlat.explain import loss_curve, ood_bars
 from vlat.models import build_model
 from vlat.models.base import run_layer_one
-from vlat.train import StepContext, TrainConfig, TrainState, make_optimizer
+from vlat.train import StepContext, TrainConfig
 from vlat.world import Collator, WorldDataset, load_tokenizer
 
 torch.manual_seed(SEED)
 tok = load_tokenizer()
 collate = Collator(tok, "itm")
 batch = collate([WorldDataset("itm", "train", 32, SEED)[k] for k in range(32)])
-
-
-def fresh_context(model):
-    """An optimiser and step context, as the training loop would hand a step function."""
-    cfg = TrainConfig(seed=SEED, device="cpu")
-    opt, sched = make_optimizer(model, cfg, 100)
-    return StepContext(model, "itm", opt, sched, cfg, torch.device("cpu"), TrainState())
 
 
 # %% [markdown]
@@ -71,7 +64,7 @@ def fresh_context(model):
 # %%
 model = build_model("single_stream", "tiny").train()
 freeat = FreeAT(sites=("image",), eps=2.0, step_size=1.0, replays=REPLAYS, trace=True)
-ctx = fresh_context(model)
+ctx = StepContext.standalone(model, "itm", TrainConfig(seed=SEED, device="cpu"))
 for _ in range(3):
     freeat(ctx, batch)
     print("  ".join(f"replay {r['step']}: loss {r['loss']:.3f}, ‖δ‖ {r['|δ| image']:.2f}" for r in freeat.last_trace))
@@ -87,7 +80,7 @@ first, _ = model.layer_one("text")
 h1 = first.register_forward_hook(lambda *a: calls.__setitem__("layer one", calls["layer one"] + 1))
 h2 = model.bert.encoder.layer[-1].register_forward_hook(lambda *a: calls.__setitem__("last block", calls["last block"] + 1))
 yopo = YOPO(sites=("text",), norm="l2", eps=1.0, step_size=0.3, outer=3, inner=4, trace=True)
-yopo(fresh_context(model), batch)
+yopo(StepContext.standalone(model, "itm", TrainConfig(seed=SEED, device="cpu")), batch)
 h1.remove(), h2.remove()
 print(calls, "-> m full passes, m·(n+1) passes through layer one")
 

@@ -47,7 +47,7 @@ from vlat.adversarial import PGD, FreeLB
 from vlat.evaluate import compare_training, markdown_table
 from vlat.explain import ood_bars, token_bars, token_magnitudes
 from vlat.models import build_model, perturbed
-from vlat.train import StepContext, TrainConfig, TrainState, make_optimizer
+from vlat.train import StepContext, TrainConfig
 from vlat.world import Collator, WorldDataset, load_tokenizer
 
 torch.manual_seed(SEED)
@@ -57,19 +57,13 @@ batch = collate([WorldDataset("itm", "train", 16, SEED)[k] for k in range(16)])
 model = build_model("single_stream", "tiny", dropout=0.1).train()   # dropout on: see section 3
 
 
-def fresh_context(model):
-    cfg = TrainConfig(seed=SEED, device="cpu")
-    opt, sched = make_optimizer(model, cfg, 100)
-    return StepContext(model, "itm", opt, sched, cfg, torch.device("cpu"), TrainState())
-
-
 # %% [markdown]
 # ## 1 · The K steps: loss rises, δ grows
 # `accumulate` runs the ascent and leaves the averaged gradient in `.grad` (the loop then steps once).
 
 # %%
 freelb = FreeLB(sites=("text",), steps=4, step_size=0.3, init_mag=0.2, eps=0.0, trace=True)
-loss, final = freelb.accumulate(fresh_context(model), batch)
+loss, final = freelb.accumulate(StepContext.standalone(model, "itm", TrainConfig(seed=SEED, device="cpu")), batch)
 for r in freelb.last_trace:
     print(f"step {r['step']}: loss {r['loss']:.4f}   mean ‖δ‖ {r['|δ| text']:.3f}")
 n = int(batch["attention_mask"][0].sum())
@@ -85,7 +79,7 @@ import ipywidgets as widgets
 
 def show_steps(K, eta):
     f = FreeLB(sites=("text",), steps=K, step_size=eta, init_mag=0.2, eps=0.0, trace=True)
-    f.accumulate(fresh_context(model), batch)
+    f.accumulate(StepContext.standalone(model, "itm", TrainConfig(seed=SEED, device="cpu")), batch)
     model.zero_grad()
     print("  ".join(f"{r['loss']:.3f}" for r in f.last_trace))
 
@@ -101,7 +95,7 @@ widgets.interact_manual(show_steps, K=widgets.IntSlider(value=4, min=1, max=8, d
 model.zero_grad()
 rng = torch.get_rng_state()
 freelb.trace = False
-freelb.accumulate(fresh_context(model), batch)
+freelb.accumulate(StepContext.standalone(model, "itm", TrainConfig(seed=SEED, device="cpu")), batch)
 used = [p for p in model.parameters() if p.grad is not None]
 accumulated = torch.cat([p.grad.flatten() for p in used])
 torch.set_rng_state(rng)
