@@ -44,7 +44,7 @@ def run(method: str, seed: int, a) -> dict:
     tok = load_tokenizer()
     data = WorldDataset(a.task, "train", a.train_size, seed)
     step = METHODS[method]()
-    epochs = max(1, -(-a.epochs // step.replays)) if isinstance(step, FreeAT) else a.epochs
+    epochs = step.equal_cost_epochs(a.epochs) if isinstance(step, FreeAT) else a.epochs
     cfg = TrainConfig(epochs=epochs, batch_size=64, lr=1e-3, seed=seed, progress=False)
     t = time.perf_counter()
     train(model, a.task, data, cfg, step_fn=step, collate_fn=Collator(tok, a.task))

@@ -344,3 +344,14 @@ def test_trace_records_every_inner_step():
     pgd.attack(model.eval(), make_batch("itm"), "itm")
     assert len(pgd.last_trace) == 4 and all(r["|δ| image"] <= 0.5 + 1e-5 for r in pgd.last_trace)
     assert FreeLB(sites=("text",)).last_trace == []  # off by default: no host syncs in the inner loop
+
+
+def test_smart_with_several_ascent_steps_raises_the_kl():
+    """K > 1: each step ascends from the last δ (δ must stay a leaf that takes gradients)."""
+    torch.manual_seed(0)
+    model = build_model("single_stream", "nano").eval()
+    batch = make_batch("itm")
+    clean = model(batch, "itm").logits.detach()
+    one = SMART(sites=("text",), eps=0.5, step_size=0.1, sigma=1e-3, steps=1).regulariser(model, batch, clean, "itm")
+    three = SMART(sites=("text",), eps=0.5, step_size=0.1, sigma=1e-3, steps=3).regulariser(model, batch, clean, "itm")
+    assert float(three.detach()) > float(one.detach()) > 0

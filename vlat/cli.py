@@ -132,7 +132,7 @@ def cmd_train(a) -> int:
     task = a.task or {"single_stream": "itm", "clip": "itc"}.get(a.model, "itm")
     step = method_from_args(a)
     if a.method == "freeat":  # equal cost to clean training: N/m epochs of m replays
-        a.epochs = max(1, -(-a.epochs // step.replays))
+        a.epochs = step.equal_cost_epochs(a.epochs)
     torch.manual_seed(a.seed)
     model = build_model(a.model, a.preset, **json.loads(a.model_overrides))
     model.check_task(task)

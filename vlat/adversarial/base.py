@@ -130,17 +130,19 @@ class Adversary:
         return {name: init_delta(site.shape(batch), site.mask(batch), init, magnitude, self.norm, dev, generator)
                 for name, site in self.resolve_sites(model).items()}
 
-    def ascend(self, model: VLModel, batch: dict, deltas: dict, grads: dict, step_size: float | None = None,
-               eps: float | None = None) -> dict[str, torch.Tensor]:
-        """One projected ascent step on every δ: ``δ ← Π_ε(δ + η · normalize(g)) ⊙ m`` (new leaf tensors)."""
-        eta = self.step_size if step_size is None else step_size
-        eps = self.eps if eps is None else eps
+    def direction(self, site, g: torch.Tensor) -> torch.Tensor:
+        """The ascent direction for a site's gradient: ``g/||g||₂`` per example or ``sign(g)``.
+        SMART overrides this with its per-token L-inf normalisation."""
+        return normalize_grad(g, self.norm)
+
+    def ascend(self, model: VLModel, batch: dict, deltas: dict, grads: dict) -> dict[str, torch.Tensor]:
+        """One projected ascent step on every δ: ``δ ← Π_ε(δ + η · direction(g) ⊙ m) ⊙ m`` (new leaf tensors)."""
         sites = self.resolve_sites(model)
         out = {}
         for name, d in deltas.items():
-            g = grads[name]
             m = sites[name].mask(batch).to(d.device)
-            new = project(d.detach() + eta * normalize_grad(g, self.norm) * m, eps, self.norm) * m
+            step = self.direction(sites[name], grads[name])
+            new = project(d.detach() + self.step_size * step * m, self.eps, self.norm) * m
             out[name] = new.requires_grad_(True)
         return out
 
@@ -173,7 +175,7 @@ def forward_capturing(ctx_or_model, batch: dict, site_names, task: str | None = 
     return out, outputs
 
 
-def site_grads(outputs: dict, like: dict | None = None) -> dict[str, torch.Tensor]:
+def site_grads(outputs: dict) -> dict[str, torch.Tensor]:
     """``∇`` at each captured site output (zeros where the graph did not reach, e.g. a frozen input)."""
     return {k: (o.grad if o.grad is not None else torch.zeros_like(o)).float() for k, o in outputs.items()}
 
@@ -182,6 +184,6 @@ def forward_with(ctx_or_model, batch: dict, deltas: dict | None, task: str | Non
     """Run the task with δ attached (through a :class:`StepContext` for autocast, or a bare model)."""
     model = getattr(ctx_or_model, "model", ctx_or_model)
     with perturbed(model, deltas, batch):
-        if hasattr(ctx_or_model, "forward") and hasattr(ctx_or_model, "model"):
+        if hasattr(ctx_or_model, "model"):  # a StepContext: forward under its autocast
             return ctx_or_model.forward(batch, task)
         return model(batch, task)

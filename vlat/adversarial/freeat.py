@@ -40,6 +40,10 @@ class FreeAT(Adversary):
         super().__post_init__()
         check_number("replays", self.replays, 1, 100, integer=True)
 
+    def equal_cost_epochs(self, epochs: int) -> int:
+        """Epochs that make m replays cost what ``epochs`` of clean training cost (rounded up)."""
+        return max(1, -(-epochs // self.replays))
+
     def __call__(self, ctx, batch) -> torch.Tensor:
         deltas = self.new_deltas(ctx.model, batch)
         first = None

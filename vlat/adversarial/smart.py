@@ -29,19 +29,17 @@ from dataclasses import dataclass, field
 
 import torch
 
-from vlat.adversarial.base import Adversary, check_number, forward_with, project
+from vlat.adversarial.base import Adversary, check_number, forward_with
 from vlat.objectives import kl_logits, symmetric_kl
 
 
-def per_token_linf(g: torch.Tensor, token_view) -> torch.Tensor:
+def per_token_linf(g: torch.Tensor, site) -> torch.Tensor:
     """``g / max_d |g|`` for every token (tokens as given by the site's ``[B, N, D]`` view)."""
-    t = token_view(g)                                                         # [B, N, D]
-    scale = t.abs().amax(-1, keepdim=True).clamp_min(1e-12)                   # [B, N, 1]
-    if t.data_ptr() == g.data_ptr() and t.shape == g.shape:
-        return g / scale
-    # token view is a permutation of g's axes (conv maps, pixels): normalise there and map back
-    flat = (t / scale).transpose(1, 2)                                        # [B, D, N]
-    return flat.reshape(g.shape)
+    t = site.tokens(g)                                                        # [B, N, D]
+    scaled = t / t.abs().amax(-1, keepdim=True).clamp_min(1e-12)
+    if site.token_axes == "BND":
+        return scaled
+    return scaled.transpose(1, 2).reshape(g.shape)                            # [B, D, N] -> [B, D, h, w]
 
 
 @dataclass
@@ -67,7 +65,6 @@ class SMART(Adversary):
     def regulariser(self, ctx_or_model, batch, clean_logits: torch.Tensor, task: str | None = None) -> torch.Tensor:
         """``max_δ ℓ_s`` estimated by K ascent steps; returns the symmetric-KL term (0 if non-finite)."""
         model = getattr(ctx_or_model, "model", ctx_or_model)
-        sites = self.resolve_sites(model)
         deltas = self.new_deltas(model, batch, "normal", self.sigma)
         target = clean_logits.detach()
         for _ in range(self.steps):
@@ -76,14 +73,12 @@ class SMART(Adversary):
             if not all(bool(torch.isfinite(x.norm())) for x in g):   # NaN/Inf guard
                 self.skipped += 1
                 return clean_logits.new_zeros(())
-            new = {}
-            for (k, d), gk in zip(deltas.items(), g):
-                m = sites[k].mask(batch).to(d.device)
-                step = per_token_linf(gk, sites[k].tokens)
-                new[k] = (project(d.detach() + self.step_size * step * m, self.eps, self.norm) * m).requires_grad_(False)
-            deltas = new
-        adv = forward_with(ctx_or_model, batch, deltas, task).logits
+            deltas = self.ascend(model, batch, deltas, dict(zip(deltas, g)))
+        adv = forward_with(ctx_or_model, batch, {k: d.detach() for k, d in deltas.items()}, task).logits
         return kl_logits(adv, clean_logits.detach()) + kl_logits(clean_logits, adv.detach())
+
+    def direction(self, site, g: torch.Tensor) -> torch.Tensor:
+        return per_token_linf(g, site)
 
     def _update_teacher(self, model):
         if self._teacher is None:
