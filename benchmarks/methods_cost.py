@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from vlat.adversarial import FGM, FGSM, PGD, SMART, YOPO, FreeAT, FreeLB  # noqa: E402
 from vlat.adversarial.weight_table import WeightTableFGM, WeightTablePGD  # noqa: E402
 from vlat.models import build_model  # noqa: E402
-from vlat.train import StepContext, TrainConfig, TrainState, clean_step, make_optimizer, to_device  # noqa: E402
+from vlat.train import StepContext, TrainConfig, clean_step, to_device  # noqa: E402
 from vlat.world import Collator, WorldDataset, load_tokenizer  # noqa: E402
 
 K = 3
@@ -45,9 +45,7 @@ def methods(site: str):
 
 
 def time_step(step, model, task, batch, device, repeats: int) -> tuple[float, int]:
-    cfg = TrainConfig(device=str(device), progress=False)
-    opt, sch = make_optimizer(model, cfg, 10_000)
-    ctx = StepContext(model, task, opt, sch, cfg, device, TrainState())
+    ctx = StepContext.standalone(model, task, TrainConfig(device=str(device), progress=False), total_steps=10_000)
     for _ in range(2):  # warm-up
         step(ctx, batch)
     times = []

@@ -8,15 +8,12 @@ from vlat.adversarial import FGM, FGSM, PGD, SMART, YOPO, FreeAT, FreeLB, METHOD
 from vlat.adversarial.base import init_delta, normalize_grad
 from vlat.models import build_model, perturbed
 from vlat.objectives import kl_logits, symmetric_kl
-from vlat.train import StepContext, TrainConfig, TrainState, make_optimizer
+from vlat.train import StepContext, TrainConfig
 
-CPU = torch.device("cpu")
 
 
 def ctx_for(model, task, lr=1e-3):
-    cfg = TrainConfig(lr=lr, device="cpu", grad_clip=0.0)
-    opt, sch = make_optimizer(model, cfg, 10)
-    return StepContext(model, task, opt, sch, cfg, CPU, TrainState())
+    return StepContext.standalone(model, task, TrainConfig(lr=lr, device="cpu", grad_clip=0.0), total_steps=10)
 
 
 def small(method_cls, site, **kw):

@@ -13,64 +13,71 @@ The ``evaluate`` functions take a model in eval mode and never change its parame
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch.utils.data import DataLoader
 
 import vlat.world.captions as C
 from vlat.models.base import VLModel
-from vlat.train import resolve_device, to_device
+from vlat.train import to_device
 from vlat.world.datasets import Collator, WorldDataset, encode_text
 from vlat.world.scenes import SHIFTS
 
 PRIMARY_TASK = {"single_stream": "itm", "clip": "classify"}
 
 
-@torch.no_grad()
-def accuracy(model: VLModel, dataset, task: str, tokenizer=None, batch_size: int = 256, device=None) -> float:
-    """Fraction of items whose arg-max logit equals the label."""
-    from vlat.models import model_tokenizer
-
-    device = device or model.device
-    tokenizer = tokenizer or model_tokenizer(model)
-    collate = Collator(tokenizer, task, paraphrase_prompts=getattr(dataset, "paraphrase", False))
-    correct = total = 0
+@contextlib.contextmanager
+def evaluating(model: VLModel):
+    """Eval mode inside the block, the model's previous mode restored after it."""
     was_training = model.training
     model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def task_batches(model: VLModel, dataset, task: str, tokenizer=None, batch_size: int = 256):
+    """Collated batches of ``dataset`` for ``task``, on the model's device."""
+    from vlat.models import model_tokenizer
+
+    collate = Collator(tokenizer or model_tokenizer(model), task, paraphrase_prompts=getattr(dataset, "paraphrase", False))
     for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=collate):
-        batch = to_device(batch, device)
-        out = model(batch, task)
-        correct += int((out.logits.argmax(-1) == out.labels).sum())
-        total += len(out.labels)
-    model.train(was_training)
+        yield to_device(batch, model.device)
+
+
+def accuracy(model: VLModel, dataset, task: str, tokenizer=None, batch_size: int = 256) -> float:
+    """Fraction of items whose arg-max logit equals the label."""
+    correct = total = 0
+    with evaluating(model), torch.no_grad():
+        for batch in task_batches(model, dataset, task, tokenizer, batch_size):
+            out = model(batch, task)
+            correct += int((out.logits.argmax(-1) == out.labels).sum())
+            total += len(out.labels)
     return correct / max(1, total)
 
 
 def robust_accuracy(model: VLModel, dataset, task: str, attack, tokenizer=None, batch_size: int = 128,
                     seed: int = 0) -> float:
-    """Accuracy under an attack (``attack.attack(model, batch, task) -> {site: δ}``, e.g. PGD-K with
-    random start): an item counts if it is classified correctly **both** clean and at ``x + δ`` (δ = 0
-    lies in every ball, so the worst case is at least as bad as the clean point; this makes
-    robust <= clean hold by construction, as in AutoAttack's reporting)."""
-    from vlat.models import model_tokenizer, perturbed
+    """Accuracy under an attack (``attack.attack(model, batch, task, generator) -> {site: δ}``, e.g.
+    PGD-K with random start): an item counts if it is classified correctly **both** clean and at
+    ``x + δ`` (δ = 0 lies in every ball, so the worst case is at least as bad as the clean point; this
+    makes robust <= clean hold by construction, as in AutoAttack's reporting)."""
+    from vlat.models import perturbed
 
-    device = model.device
-    tokenizer = tokenizer or model_tokenizer(model)
-    collate = Collator(tokenizer, task, paraphrase_prompts=getattr(dataset, "paraphrase", False))
     g = torch.Generator().manual_seed(seed)
-    was_training = model.training
-    model.eval()
     correct = total = 0
-    for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=collate):
-        batch = to_device(batch, device)
-        with torch.no_grad():
-            out = model(batch, task)
-        ok = out.logits.argmax(-1) == out.labels
-        deltas = attack.attack(model, batch, task, generator=g)
-        with torch.no_grad(), perturbed(model, deltas, batch):
-            adv = model(batch, task)
-        correct += int((ok & (adv.logits.argmax(-1) == adv.labels)).sum())
-        total += len(ok)
-    model.train(was_training)
+    with evaluating(model):
+        for batch in task_batches(model, dataset, task, tokenizer, batch_size):
+            with torch.no_grad():
+                out = model(batch, task)
+            ok = out.logits.argmax(-1) == out.labels
+            deltas = attack.attack(model, batch, task, generator=g)
+            with torch.no_grad(), perturbed(model, deltas, batch):
+                adv = model(batch, task)
+            correct += int((ok & (adv.logits.argmax(-1) == adv.labels)).sum())
+            total += len(ok)
     return correct / max(1, total)
 
 
@@ -156,10 +163,8 @@ def retrieval(model: VLModel, dataset: WorldDataset, tokenizer=None, ks=(1, 5, 1
         rel = [c for c in cs if c[0] == "rel"]
         claims.append(rel[0] if (rel and caption_kind == "rel") else cs[0])
     texts = [C.caption_text(c, dataset.paraphrase) for c in claims]
-    was_training = model.training
-    model.eval()
-    scores = similarity(model, dataset.images.float() / 255.0, texts, tokenizer)
-    model.train(was_training)
+    with evaluating(model):
+        scores = similarity(model, dataset.images.float() / 255.0, texts, tokenizer)
     return recall_at_k(scores, truth_matrix(dataset.scenes, claims), ks)
 
 
@@ -193,5 +198,5 @@ def markdown_table(rows: dict[str, dict[str, float]], digits: int = 3) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["accuracy", "compare_training", "robust_accuracy", "evaluate_task", "markdown_table", "ood_table", "recall_at_k", "retrieval", "similarity",
-           "truth_matrix", "resolve_device"]
+__all__ = ["accuracy", "compare_training", "evaluate_task", "evaluating", "markdown_table", "ood_table", "recall_at_k",
+           "retrieval", "robust_accuracy", "similarity", "task_batches", "truth_matrix"]
