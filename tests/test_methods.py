@@ -352,3 +352,30 @@ def test_smart_with_several_ascent_steps_raises_the_kl():
     one = SMART(sites=("text",), eps=0.5, step_size=0.1, sigma=1e-3, steps=1).regulariser(model, batch, clean, "itm")
     three = SMART(sites=("text",), eps=0.5, step_size=0.1, sigma=1e-3, steps=3).regulariser(model, batch, clean, "itm")
     assert float(three.detach()) > float(one.detach()) > 0
+
+
+def test_site_norms_measure_the_masked_clean_input():
+    """The text site's norm is the per-caption norm of its word embeddings over real tokens only."""
+    torch.manual_seed(0)
+    model = build_model("single_stream", "nano").eval()
+    batch = make_batch("itm", 4)
+    from vlat.adversarial import site_norms
+
+    got = site_norms(model, batch, "itm", ("text", "image"))
+    emb = model.bert.embeddings.word_embeddings(batch["input_ids"]) * batch["attention_mask"].unsqueeze(-1)
+    assert got["text"] == pytest.approx(float(emb.flatten(1).norm(dim=1).mean()), rel=1e-5)
+    assert got["image"] > 10 * got["text"]        # raw region features dwarf word embeddings
+
+
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+def test_calibrated_eps_is_a_fraction_of_each_sites_norm(norm):
+    torch.manual_seed(0)
+    model = build_model("single_stream", "nano").eval()
+    batch = make_batch("itm", 4)
+    pgd = PGD(sites=("text", "image"), norm=norm, eps=0.1, step_size=0.05, steps=3).calibrate(model, batch, "itm")
+    deltas = pgd.attack(model, batch, "itm", generator=torch.Generator().manual_seed(0))
+    for site, d in deltas.items():
+        n = per_example_norm(d, norm)
+        assert (n <= 0.1 * pgd.scales[site] * (1 + 1e-5)).all()
+        assert n.max() > 0.05 * pgd.scales[site]   # it did move out to a real fraction of the ball
+    assert pgd.scales["image"] > 10 * pgd.scales["text"]

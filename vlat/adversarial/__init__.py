@@ -4,7 +4,7 @@ Every method is a dataclass whose instances are training steps for :func:`vlat.t
 (``step_fn=FGM(...)``); most also offer ``attack(model, batch, task)`` returning δ per site.
 """
 
-from vlat.adversarial.base import Adversary, init_delta, normalize_grad, per_example_norm, project
+from vlat.adversarial.base import Adversary, init_delta, normalize_grad, per_example_norm, project, site_norms
 from vlat.adversarial.fgm import FGM, FGSM
 from vlat.adversarial.freeat import FreeAT
 from vlat.adversarial.freelb import FreeLB
@@ -15,4 +15,4 @@ from vlat.adversarial.yopo import YOPO
 METHODS = {"fgsm": FGSM, "fgm": FGM, "pgd": PGD, "freeat": FreeAT, "freelb": FreeLB, "smart": SMART, "yopo": YOPO}
 
 __all__ = ["Adversary", "FGM", "FGSM", "FreeAT", "FreeLB", "METHODS", "PGD", "SMART", "YOPO", "init_delta",
-           "normalize_grad", "per_example_norm", "project"]
+           "normalize_grad", "per_example_norm", "project", "site_norms"]

@@ -98,6 +98,7 @@ class Adversary:
     eps: float = 1.0                      # radius of the ball; <= 0 means unbounded where allowed
     step_size: float = 0.1                # ascent step η (adv_lr)
     trace: bool = False                   # record (loss, ‖δ‖) of every inner step in self.last_trace
+    scales: dict | None = None            # per-site multiplier of eps, step size and init magnitude
 
     def __post_init__(self):
         self.last_trace: list[dict] = []
@@ -108,6 +109,21 @@ class Adversary:
             raise ValueError(f"unknown norm {self.norm!r}; choose l2 or linf")
         check_number("eps", self.eps, 0.0)
         check_number("step_size", self.step_size, 0.0)
+
+    def scale(self, site: str) -> float:
+        """The multiplier of ε, η and the init magnitude at ``site`` (1 unless :meth:`calibrate` set it)."""
+        return 1.0 if self.scales is None else float(self.scales.get(site, 1.0))
+
+    def calibrate(self, model: VLModel, batch: dict, task: str) -> "Adversary":
+        """Make ``eps``, ``step_size`` and the init magnitude fractions of each site's input norm.
+
+        Sites live on very different scales (a caption's word embeddings have an L2 norm near 1, a
+        scene's raw region features near 200), so one absolute ε is a different threat at each; after
+        ``calibrate``, ``eps=0.1`` means "10 % of this site's mean clean norm" (measured on ``batch``
+        with :func:`site_norms`, in this method's norm) at every site. Returns ``self``.
+        """
+        self.scales = site_norms(model, batch, task, self.sites, self.norm)
+        return self
 
     # -- helpers for subclasses -----------------------------------------------------------------
     def record(self, step: int, loss: torch.Tensor, deltas: dict) -> None:
@@ -127,8 +143,14 @@ class Adversary:
     def new_deltas(self, model: VLModel, batch: dict, init: str = "zero", magnitude: float = 0.0,
                    generator=None) -> dict[str, torch.Tensor]:
         dev = batch["pixel_values"].device
-        return {name: init_delta(site.shape(batch), site.mask(batch), init, magnitude, self.norm, dev, generator)
-                for name, site in self.resolve_sites(model).items()}
+        out = {}
+        for name, site in self.resolve_sites(model).items():
+            shape, mask, mag = site.shape(batch), site.mask(batch), magnitude * self.scale(name)
+            if init == "normal" and self.norm == "l2" and self.scales is not None:
+                # σ is a per-entry std: an L2 scale (a whole example's norm) becomes the RMS entry
+                mag /= math.sqrt(float(mask.expand(shape).flatten(1).sum(1).float().mean().clamp_min(1)))
+            out[name] = init_delta(shape, mask, init, mag, self.norm, dev, generator)
+        return out
 
     def direction(self, site, g: torch.Tensor) -> torch.Tensor:
         """The ascent direction for a site's gradient: ``g/||g||₂`` per example or ``sign(g)``.
@@ -142,7 +164,8 @@ class Adversary:
         for name, d in deltas.items():
             m = sites[name].mask(batch).to(d.device)
             step = self.direction(sites[name], grads[name])
-            new = project(d.detach() + self.step_size * step * m, self.eps, self.norm) * m
+            s = self.scale(name)
+            new = project(d.detach() + s * self.step_size * step * m, s * self.eps, self.norm) * m
             out[name] = new.requires_grad_(True)
         return out
 
@@ -173,6 +196,22 @@ def forward_capturing(ctx_or_model, batch: dict, site_names, task: str | None = 
         for h in handles:
             h.remove()
     return out, outputs
+
+
+@torch.no_grad()
+def site_norms(model: VLModel, batch: dict, task: str, sites=None, norm: str = "l2") -> dict[str, float]:
+    """Mean per-example ``||x||`` of each site's clean input over a batch (masked entries only).
+
+    The scale an ε means something against: a word-embedding site of a freshly initialised BERT has a
+    per-caption L2 norm near ``0.02 sqrt(L D)`` (under 1), while raw region features are in the tens,
+    so one absolute ε is a different threat at every site and changes as training grows the
+    embeddings. ``eps = frac * site_norms(model, batch, task)[site]`` states a radius as a fraction of the input.
+    """
+    model_sites = model.perturbation_sites()
+    names = tuple(model_sites) if sites is None else tuple(sites)
+    _, outputs = forward_capturing(model, batch, names, task)
+    return {n: float(per_example_norm(outputs[n].float() * model_sites[n].mask(batch).to(outputs[n].device), norm).mean())
+            for n in names}
 
 
 def site_grads(outputs: dict) -> dict[str, torch.Tensor]:

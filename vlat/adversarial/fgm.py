@@ -37,7 +37,7 @@ class FGM(Adversary):
         out = {}
         for k, g in grads.items():
             m = sites[k].mask(batch).to(g.device)
-            out[k] = (self.eps * normalize_grad(g * m, self.norm) * m).detach()
+            out[k] = (self.scale(k) * self.eps * normalize_grad(g * m, self.norm) * m).detach()
         return out
 
     def attack(self, model, batch, task, generator=None) -> dict[str, torch.Tensor]:
