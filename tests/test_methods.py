@@ -105,8 +105,9 @@ SITES = [("single_stream", "itm", "text"), ("single_stream", "itm", "image"), ("
 
 @pytest.mark.parametrize("name,task,site", SITES)
 @pytest.mark.parametrize("norm", ["l2", "linf"])
-@pytest.mark.parametrize("method", [FGM, PGD])
+@pytest.mark.parametrize("method", [FGSM, FGM, PGD, FreeAT, FreeLB, SMART, YOPO])
 def test_attack_stays_in_ball_respects_mask_and_leaves_parameters(name, task, site, norm, method):
+    """Every method's inner maximisation on a fixed model (what the explorer shows)."""
     torch.manual_seed(0)
     model = build_model(name, "nano").eval()
     batch = make_batch(task)
@@ -379,3 +380,20 @@ def test_calibrated_eps_is_a_fraction_of_each_sites_norm(norm):
         assert (n <= 0.1 * pgd.scales[site] * (1 + 1e-5)).all()
         assert n.max() > 0.05 * pgd.scales[site]   # it did move out to a real fraction of the ball
     assert pgd.scales["image"] > 10 * pgd.scales["text"]
+
+
+@pytest.mark.parametrize("method", [PGD, FreeAT, FreeLB, SMART, YOPO])
+@pytest.mark.parametrize("name,task,site", [("single_stream", "itm", "text"), ("clip", "classify", "image")])
+def test_inner_maximisation_raises_its_objective(method, name, task, site):
+    """The δ each method's attack() returns scores higher on its objective than its starting point."""
+    torch.manual_seed(0)
+    model = build_model(name, "nano").eval()
+    batch = make_batch(task)
+    kw = {"steps": 4} if method in (PGD, FreeLB, SMART) else {"replays": 4} if method is FreeAT else {"outer": 2}
+    adv = method(sites=(site,), norm="l2", eps=0.5, step_size=0.2, **kw)
+    g = torch.Generator().manual_seed(0)
+    deltas, losses = adv.attack(model, batch, task, generator=g, return_losses=True)
+    with torch.no_grad():
+        clean = model(batch, task).logits.float()
+        final = float(adv.attack_objective(model, batch, task, deltas, clean))
+    assert final > losses[0]

@@ -152,6 +152,46 @@ class Adversary:
             out[name] = init_delta(shape, mask, init, mag, self.norm, dev, generator)
         return out
 
+    # -- the inner maximisation on a fixed model (the explorer, robust accuracy) ---------------
+    def attack_start(self, random_start: bool) -> tuple[str, float]:
+        """``(init, magnitude)`` of δ₀ for :meth:`attack` (a method's own initialisation)."""
+        return ("uniform", self.eps) if random_start else ("zero", 0.0)
+
+    def attack_steps(self) -> int:
+        """How many ascent steps the method's inner maximisation takes."""
+        return getattr(self, "steps", 1)
+
+    def attack_objective(self, model: VLModel, batch: dict, task: str, deltas: dict, clean_logits) -> torch.Tensor:
+        """What the inner maximisation ascends: the task loss (SMART: the KL to the clean prediction)."""
+        return forward_with(model, batch, deltas, task).loss
+
+    def attack(self, model: VLModel, batch: dict, task: str, generator=None, random_start: bool = False,
+               return_losses: bool = False):
+        """The method's inner maximisation on a fixed model: ``{site: δ}`` after :meth:`attack_steps`
+        projected ascent steps on :meth:`attack_objective` from :meth:`attack_start`.
+
+        Parameters are never changed and receive no gradient (``autograd.grad`` w.r.t. δ only). With
+        ``return_losses`` also the objective before each step.
+        """
+        init, mag = self.attack_start(random_start)
+        deltas = self.new_deltas(model, batch, init, mag, generator=generator)
+        clean_logits = None
+        if self.needs_clean_logits:
+            with torch.no_grad():
+                clean_logits = model(batch, task).logits.float()
+        losses = []
+        self.last_trace = []
+        for t in range(self.attack_steps()):
+            loss = self.attack_objective(model, batch, task, deltas, clean_logits)
+            losses.append(float(loss.detach()))
+            self.record(t, loss, deltas)
+            grads = dict(zip(deltas, torch.autograd.grad(loss, list(deltas.values()))))
+            deltas = self.ascend(model, batch, deltas, grads)
+        deltas = {k: d.detach() for k, d in deltas.items()}
+        return (deltas, losses) if return_losses else deltas
+
+    needs_clean_logits = False   # SMART's objective compares with the clean prediction
+
     def direction(self, site, g: torch.Tensor) -> torch.Tensor:
         """The ascent direction for a site's gradient: ``g/||g||₂`` per example or ``sign(g)``.
         SMART overrides this with its per-token L-inf normalisation."""

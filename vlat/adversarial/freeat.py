@@ -40,6 +40,10 @@ class FreeAT(Adversary):
         super().__post_init__()
         check_number("replays", self.replays, 1, 100, integer=True)
 
+    def attack_steps(self) -> int:
+        """On a fixed model FreeAT's δ makes ``m`` steps of ``ε_step`` from zero, one per replay."""
+        return self.replays
+
     def equal_cost_epochs(self, epochs: int) -> int:
         """Epochs that make m replays cost what ``epochs`` of clean training cost (rounded up)."""
         return max(1, -(-epochs // self.replays))

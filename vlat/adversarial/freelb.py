@@ -62,6 +62,13 @@ class FreeLB(Adversary):
         check_number("steps", self.steps, 1, 1000, integer=True)
         check_number("init_mag", self.init_mag, 0.0)
 
+    def attack_start(self, random_start: bool) -> tuple[str, float]:
+        return "uniform", self.init_mag
+
+    def attack_steps(self) -> int:
+        """On a fixed model: δ₀ then K-1 ascents, i.e. the last δ a training step back-propagates."""
+        return self.steps - 1
+
     def step_loss(self, ctx, batch, deltas, clean_logits=None):
         """The loss of one ascent step (VILLA overrides this to add its KL term)."""
         out = forward_with(ctx, batch, deltas)

@@ -45,22 +45,13 @@ class PGD(Adversary):
             raise ValueError("PGD needs eps > 0 (the ball it projects onto)")
 
     def start(self, model, batch, random_start: bool, generator=None):
-        return self.new_deltas(model, batch, "uniform" if random_start else "zero", self.eps, generator=generator)
+        return self.new_deltas(model, batch, *self.attack_start(random_start), generator=generator)
 
-    def attack(self, model, batch: dict, task: str, random_start: bool = True, generator=None,
+    def attack(self, model, batch: dict, task: str, generator=None, random_start: bool = True,
                return_losses: bool = False):
-        """PGD-K on a fixed model: returns ``{site: δ_K}`` (and the loss at each step if asked)."""
-        deltas = self.start(model, batch, random_start, generator)
-        losses = []
-        self.last_trace = []
-        for t in range(self.steps):
-            loss = forward_with(model, batch, deltas, task).loss
-            losses.append(float(loss.detach()))
-            self.record(t, loss, deltas)
-            grads = dict(zip(deltas, torch.autograd.grad(loss, list(deltas.values()))))
-            deltas = self.ascend(model, batch, deltas, grads)
-        deltas = {k: d.detach() for k, d in deltas.items()}
-        return (deltas, losses) if return_losses else deltas
+        """PGD-K on a fixed model: returns ``{site: δ_K}`` (and the loss at each step if asked); random
+        start by default, as an evaluation attack should."""
+        return super().attack(model, batch, task, generator, random_start, return_losses)
 
     def __call__(self, ctx, batch) -> torch.Tensor:
         if self.random_start:

@@ -77,6 +77,15 @@ class SMART(Adversary):
         adv = forward_with(ctx_or_model, batch, {k: d.detach() for k, d in deltas.items()}, task).logits
         return kl_logits(adv, clean_logits.detach()) + kl_logits(clean_logits, adv.detach())
 
+    needs_clean_logits = True
+
+    def attack_start(self, random_start: bool) -> tuple[str, float]:
+        return "normal", self.sigma
+
+    def attack_objective(self, model, batch, task, deltas, clean_logits) -> torch.Tensor:
+        """SMART maximises ``KL(f(x+δ) || f(x))`` (no label), the same inner max as :meth:`regulariser`."""
+        return kl_logits(forward_with(model, batch, deltas, task).logits, clean_logits)
+
     def direction(self, site, g: torch.Tensor) -> torch.Tensor:
         return per_token_linf(g, site)
 

@@ -24,6 +24,7 @@ Reference (images): ``m = 5, n = 3, σ = 2/255, ε = 8/255``. Cost: m full + m·
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -48,35 +49,59 @@ class YOPO(Adversary):
         if len(self.sites) != 1:
             raise ValueError("YOPO perturbs one site at a time (its layer one is per site)")
 
+    def _outer(self, ctx_or_model, batch, deltas, task=None):
+        """One full pass at ``x + δ`` that keeps layer one's output ``f₀`` (for the co-state)."""
+        model = getattr(ctx_or_model, "model", ctx_or_model)
+        block, _ = model.layer_one(self.sites[0])
+        box = {}
+
+        def keep(module, args, output):
+            out = output[0] if isinstance(output, tuple) else output
+            if out.requires_grad:
+                out.retain_grad()
+            box["f0"] = out
+
+        h = block.register_forward_hook(keep)
+        try:
+            out = forward_with(ctx_or_model, batch, deltas, task)
+        finally:
+            h.remove()
+        return out, box["f0"]
+
+    def _inner(self, model, batch, deltas, p, autocast):
+        """``n`` steps of δ through layer one only, with the co-state ``p`` held fixed."""
+        site = self.sites[0]
+        for _ in range(self.inner):
+            with perturbed(model, deltas, batch), autocast():
+                f0 = run_layer_one(model, site, batch)
+            g = torch.autograd.grad((f0.float() * p.float()).sum(), [deltas[site]])[0]
+            deltas = self.ascend(model, batch, deltas, {site: g})
+        return {k: d.detach().requires_grad_(True) for k, d in deltas.items()}
+
+    def attack(self, model, batch, task, generator=None, random_start: bool = False, return_losses: bool = False):
+        """YOPO's inner maximisation on a fixed model: m full passes, each followed by n layer-one steps."""
+        deltas = self.new_deltas(model, batch, *self.attack_start(random_start), generator=generator)
+        losses = []
+        self.last_trace = []
+        for j in range(self.outer):
+            out, f0 = self._outer(model, batch, deltas, task)
+            losses.append(float(out.loss.detach()))
+            self.record(j, out.loss, deltas)
+            p = torch.autograd.grad(out.loss, [f0])[0]
+            deltas = self._inner(model, batch, deltas, p, contextlib.nullcontext)
+        deltas = {k: d.detach() for k, d in deltas.items()}
+        return (deltas, losses) if return_losses else deltas
+
     def __call__(self, ctx, batch) -> torch.Tensor:
-        model, site = ctx.model, self.sites[0]
-        block, _ = model.layer_one(site)
-        deltas = self.new_deltas(model, batch)
+        deltas = self.new_deltas(ctx.model, batch)
         total = 0.0
         self.last_trace = []
         for j in range(self.outer):
-            box = {}
-
-            def keep(module, args, output):
-                out = output[0] if isinstance(output, tuple) else output
-                out.retain_grad()
-                box["f0"] = out
-
-            h = block.register_forward_hook(keep)
-            try:
-                out = forward_with(ctx, batch, deltas)
-            finally:
-                h.remove()
+            out, f0 = self._outer(ctx, batch, deltas)
             self.record(j, out.loss, deltas)
             loss = out.loss / self.outer
             ctx.backward(loss)                                      # θ-grads accumulate over m passes
             total = total + loss.detach()
-            p = box["f0"].grad.detach()                             # co-state ∂L/∂f₀, fixed below
-            for _ in range(self.inner):                             # layer one only
-                with perturbed(model, deltas, batch), ctx.autocast():
-                    f0 = run_layer_one(model, site, batch)
-                g = torch.autograd.grad((f0.float() * p.float()).sum(), [deltas[site]])[0]
-                deltas = self.ascend(model, batch, deltas, {site: g})
-            deltas = {k: d.detach().requires_grad_(True) for k, d in deltas.items()}
+            deltas = self._inner(ctx.model, batch, deltas, f0.grad.detach(), ctx.autocast)  # co-state ∂L/∂f₀
         ctx.optimizer_step(total)
         return total
