@@ -114,15 +114,18 @@ class Adversary:
         """The multiplier of ε, η and the init magnitude at ``site`` (1 unless :meth:`calibrate` set it)."""
         return 1.0 if self.scales is None else float(self.scales.get(site, 1.0))
 
-    def calibrate(self, model: VLModel, batch: dict, task: str) -> "Adversary":
+    def calibrate(self, model: VLModel, batch: dict, task: str, weights: dict | None = None) -> "Adversary":
         """Make ``eps``, ``step_size`` and the init magnitude fractions of each site's input norm.
 
         Sites live on very different scales (a caption's word embeddings have an L2 norm near 1, a
         scene's raw region features near 200), so one absolute ε is a different threat at each; after
         ``calibrate``, ``eps=0.1`` means "10 % of this site's mean clean norm" (measured on ``batch``
-        with :func:`site_norms`, in this method's norm) at every site. Returns ``self``.
+        with :func:`site_norms`, in this method's norm) at every site. ``weights`` multiplies a site's
+        scale further (``{"text": 0.2}``: the text gets a fifth of the image's relative radius). Returns
+        ``self``.
         """
-        self.scales = site_norms(model, batch, task, self.sites, self.norm)
+        norms = site_norms(model, batch, task, self.sites, self.norm)
+        self.scales = {k: v * (weights or {}).get(k, 1.0) for k, v in norms.items()}
         return self
 
     # -- helpers for subclasses -----------------------------------------------------------------

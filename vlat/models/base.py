@@ -124,6 +124,12 @@ class VLModel(nn.Module):
         after ``block`` by :func:`run_layer_one`, so nothing after layer one is computed)."""
         raise NotImplementedError(f"{type(self).__name__} declares no layer one")
 
+    def image_attention(self, batch: dict) -> torch.Tensor:
+        """Where the model looks in the image: ``[B, h, w]`` attention over image patches (rows sum to
+        at most 1), for the explorer. Single-stream and CLIP models use the rollout of their [CLS]
+        token; a fusion model uses its text-to-image cross-attention. Runs under any active δ hooks."""
+        raise NotImplementedError(f"{type(self).__name__} shows no image attention")
+
     def check_task(self, task: str) -> None:
         if task not in self.tasks:
             raise ValueError(f"{type(self).__name__} has no task {task!r}; it supports {', '.join(self.tasks)}")
@@ -166,6 +172,20 @@ def run_layer_one(model: "VLModel", site: str, batch: dict) -> torch.Tensor:
     finally:
         h.remove()
     return box["out"]
+
+
+def attention_rollout(attentions, residual: float = 0.5) -> torch.Tensor:
+    """Abnar & Zuidema (2020): multiply the layers' head-averaged attention ``[B, T, T]``, each mixed
+    with the identity for the residual path (``A' = r I + (1 - r) A``, rows renormalised); returns
+    ``[B, T, T]``, row i = how much of token i's final state flows from each input token."""
+    out = None
+    for a in attentions:
+        a = a.float().mean(1)                                                 # [B, T, T] over heads
+        eye = torch.eye(a.shape[-1], device=a.device).expand_as(a)
+        a = residual * eye + (1 - residual) * a
+        a = a / a.sum(-1, keepdim=True)
+        out = a if out is None else a @ out
+    return out
 
 
 def text_mask(key: str = "attention_mask") -> Callable[[dict], torch.Tensor]:

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlat.models.base import PerturbationSite, TaskOutput, VLModel, full_mask, text_mask
+from vlat.models.base import PerturbationSite, TaskOutput, VLModel, attention_rollout, full_mask, text_mask
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -175,6 +175,13 @@ class ClipDualEncoder(VLModel):
         out = self.clip.get_text_features(input_ids=input_ids, attention_mask=attention_mask,
                                           output_attentions=output_attentions, return_dict=True)
         return F.normalize(out.pooler_output.float(), dim=-1), out.attentions
+
+    @torch.no_grad()
+    def image_attention(self, batch: dict) -> torch.Tensor:
+        """Rollout of the vision [CLS] token over the patches, ``[B, h, w]``."""
+        _, attn = self.image_features(batch["pixel_values"], output_attentions=True)
+        n = self.config.image_size // self.config.patch_size
+        return attention_rollout(attn)[:, 0, 1:].reshape(-1, n, n)
 
     def forward(self, batch: dict, task: str, output_attentions: bool = False) -> TaskOutput:
         self.check_task(task)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlat.models.base import PerturbationSite, TaskOutput, VLModel, full_mask, text_mask
+from vlat.models.base import PerturbationSite, TaskOutput, VLModel, attention_rollout, full_mask, text_mask
 from vlat.world.captions import ANSWERS
 
 
@@ -172,6 +172,14 @@ class SingleStreamModel(VLModel):
             labels = batch["labels"]
             loss = F.cross_entropy(logits.float(), labels)
         return TaskOutput(loss=loss, logits=logits, labels=labels, attentions=attn)
+
+    @torch.no_grad()
+    def image_attention(self, batch: dict) -> torch.Tensor:
+        """Rollout of [CLS] over the image regions, ``[B, h, w]`` (the share of [CLS] drawn from each)."""
+        _, attn, L = self.encode(batch, output_attentions=True)
+        roll = attention_rollout(attn)[:, 0, L:]                              # [B, N]
+        n = self.config.image_size // self.config.patch_size
+        return roll.view(-1, n, n)
 
     def match_scores(self, batch: dict) -> torch.Tensor:
         """ITM log-odds of "match" for each (image, caption) row: the retrieval score."""
