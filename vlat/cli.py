@@ -1,7 +1,8 @@
-"""The ``vlat`` command: ``vlat train`` and ``vlat eval``.
+"""The ``vlat`` command: ``vlat train``, ``vlat eval`` and ``vlat explore``.
 
     vlat train --model clip --task itc --epochs 3 --out runs/clip
     vlat eval --checkpoint runs/clip/model.safetensors --task classify
+    vlat explore                       # the Gradio explorer on http://127.0.0.1:7860
 
 Every option is explained by ``vlat train --help`` / ``vlat eval --help``. Errors in the arguments
 (an unknown model, a missing checkpoint, a corrupt file) end with one clear line, not a traceback.
@@ -85,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--step-size", type=float, default=None, help="attack step (default eps/4)")
     e.add_argument("--steps", type=int, default=10, help="attack steps K")
     _add_common(e)
+    x = sub.add_parser("explore", help="start the Gradio explorer (apps/explorer.py) on this machine")
+    x.add_argument("--host", default="127.0.0.1", help="interface to bind (default: this machine only)")
+    x.add_argument("--port", type=int, default=7860, help="port")
     return parser
 
 
@@ -191,10 +195,23 @@ def cmd_eval(a) -> int:
     return 0
 
 
+def cmd_explore(a) -> int:
+    """The app lives in ``apps/`` beside the package (a clone of the repository, installed with -e)."""
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "apps" / "explorer.py").exists():
+        raise FileNotFoundError(f"apps/explorer.py is not beside the vlat package ({root}); clone the repository "
+                                "and install it with `pip install -e .` to run the explorer")
+    sys.path.insert(0, str(root))
+    from apps.explorer import launch
+
+    launch(a.host, a.port)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"train": cmd_train, "eval": cmd_eval}[args.command](args)
+        return {"train": cmd_train, "eval": cmd_eval, "explore": cmd_explore}[args.command](args)
     except (ValueError, FileNotFoundError) as e:
         print(f"vlat {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -32,7 +32,7 @@ def _row(titles, panels, colorscale="Inferno"):
                                  colorbar=dict(len=0.9, thickness=12)), row=1, col=i)
         fig.update_yaxes(autorange="reversed", scaleanchor=f"x{i}", row=1, col=i)
     fig.update_xaxes(visible=False).update_yaxes(visible=False)
-    fig.update_layout(height=HEIGHT, width=220 * n + 60, margin=dict(l=5, r=5, t=40, b=5))
+    fig.update_layout(height=HEIGHT, margin=dict(l=5, r=5, t=40, b=5))
     return fig
 
 
@@ -93,7 +93,7 @@ def confidence_figure(ex: Exploration, top: int = 5):
                          text=[f"{v:.3f}" for v in ex.kl.values()], textposition="outside"), row=1, col=2)
     fig.update_yaxes(range=[0, 1], title_text="probability", row=1, col=1)
     fig.update_layout(barmode="group", height=HEIGHT + 40, margin=dict(l=5, r=5, t=40, b=5),
-                      legend=dict(orientation="h", y=1.12, x=0))
+                      legend=dict(orientation="h", yanchor="top", y=-0.12, x=0))
     return fig
 
 

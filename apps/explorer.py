@@ -1,0 +1,208 @@
+"""The vlat explorer: what a perturbation does to one image-text pair.
+
+    python -m apps.explorer            # http://127.0.0.1:7860, no share link, no analytics
+    vlat explore --port 7861
+
+Pick a pair from the gallery (``data_samples/pairs``) or upload an image, edit the caption, choose a
+model, a method, the modality it perturbs, ε (a fraction of the input's own norm), the steps and the
+step size, and press *Perturb*. The panels show where δ went (per patch over the image, per token on
+the caption), the model's image attention before and after, the prediction before and after with
+KL(p‖p_adv), KL(p_adv‖p) and their sum, and captum integrated gradients for tokens and patches.
+
+All the logic is :func:`vlat.explain.pair.explore` and :mod:`vlat.explain.views`; this file is glue.
+Requests are queued one at a time: the attack attaches forward hooks to a shared model, so two
+requests running together would see each other's δ.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import threading
+from pathlib import Path
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import gradio as gr  # noqa: E402
+
+from vlat.explain.pair import EXPLORER_METHODS, MAX_EPS, MAX_STEPS, MODALITIES, explore, load_image  # noqa: E402
+from vlat.explain.views import all_figures  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = ROOT / "data_samples"
+MODELS = {
+    "single-stream tiny (image-text matching)": SAMPLES / "checkpoints" / "single_stream_tiny_itm.safetensors",
+    "CLIP tiny (which caption fits)": SAMPLES / "checkpoints" / "clip_tiny_itc.safetensors",
+}
+HUB_CHOICE = "a CLIP checkpoint (Hugging Face id or folder) ..."
+PANELS = ("perturbation", "tokens", "attention", "confidence", "attribution")
+GALLERY_SIZE = 24
+
+INTRO = """# vlat explorer
+Pick a pair (or upload an image), choose a method and ε, and press **Perturb**. ε is a fraction of the
+perturbed input's own norm (0.1 = 10 %). The attack pushes the model away from its own clean prediction.
+"""
+
+
+def gallery_pairs(root: Path = SAMPLES / "pairs", n: int = GALLERY_SIZE) -> list[tuple[str, str]]:
+    """``(image path, caption)`` for the first ``n`` pairs of a folder in the ``data_samples/pairs``
+    format; the caption is the pair's longest (a relation, where the scene has one)."""
+    index = root / "captions.jsonl"
+    if not index.exists():
+        return []
+    pairs = []
+    for line in index.read_text().splitlines()[:n]:
+        rec = json.loads(line)
+        pairs.append((str(root / rec["image"]), max(rec["captions"], key=len)))
+    return pairs
+
+
+class ModelCache:
+    """Loads each model once (thread-safe), with its tokenizer."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._models: dict[str, tuple] = {}
+
+    def get(self, choice: str, hub_id: str = ""):
+        from vlat.models import load_model, model_tokenizer
+        from vlat.models.clip import ClipDualEncoder
+
+        key = hub_id.strip() if choice == HUB_CHOICE else choice
+        if not key:
+            raise ValueError("type a Hugging Face id (e.g. openai/clip-vit-base-patch32) or a local folder")
+        with self._lock:
+            if key not in self._models:
+                if choice == HUB_CHOICE:
+                    try:
+                        model = ClipDualEncoder.from_pretrained(key)
+                    except Exception as e:  # offline, unknown id, not a CLIP checkpoint: say which
+                        raise ValueError(f"could not load {key!r} as a CLIP checkpoint ({type(e).__name__}: "
+                                         f"{str(e)[:200]})") from e
+                elif choice in MODELS:
+                    if not MODELS[choice].exists():
+                        raise ValueError(f"{MODELS[choice]} is missing: run from a clone of the repository")
+                    model = load_model(MODELS[choice])
+                else:
+                    raise ValueError(f"unknown model {choice!r}")
+                self._models[key] = (model.eval(), model_tokenizer(model))
+            return self._models[key]
+
+
+def build_app(pairs: list[tuple[str, str]] | None = None) -> gr.Blocks:
+    """The explorer as a ``gr.Blocks`` (not launched)."""
+    pairs = gallery_pairs() if pairs is None else pairs
+    cache = ModelCache()
+
+    def pick(index: int) -> tuple[str, str]:
+        """Gallery pair ``index`` -> (image path, caption)."""
+        if not pairs:
+            raise gr.Error("no gallery: data_samples/pairs is missing")
+        index = int(index)
+        if not 0 <= index < len(pairs):
+            raise gr.Error(f"pair index must lie in [0, {len(pairs) - 1}]")
+        return pairs[index]
+
+    def on_select(evt: gr.SelectData):
+        path, caption = pick(evt.index)
+        return path, path, caption, ""
+
+    def upload(file):
+        """An uploaded file -> (image path for the preview, status message). Non-images, huge images
+        and unreadable files are refused here, with the reason."""
+        if file is None:
+            return None, None, ""
+        path = file if isinstance(file, str) else getattr(file, "name", str(file))
+        try:
+            load_image(path, 64)
+        except ValueError as e:
+            return None, None, f"⚠️ {e}"
+        except Exception as e:  # anything PIL raises on a strange file
+            return None, None, f"⚠️ this file could not be read as an image ({type(e).__name__})"
+        return path, path, "Image loaded. Type a caption and press **Perturb**."
+
+    def run(image, caption, model_choice, hub_id, method, modality, eps, steps, step_size):
+        """Perturb one pair; returns the status line, the five figures and the numbers as JSON."""
+        empty = [None] * len(PANELS)
+        try:
+            model, tok = cache.get(model_choice, hub_id or "")
+            ex = explore(model, tok, image, caption, method, modality, float(eps) if eps is not None else eps,
+                         int(steps) if steps is not None else steps, float(step_size) if step_size else None)
+            figs = all_figures(ex)
+        except ValueError as e:
+            return [f"⚠️ {e}", *empty, {}]
+        except Exception as e:  # never a traceback in the page
+            return [f"⚠️ something went wrong: {type(e).__name__}: {str(e)[:200]}", *empty, {}]
+        numbers = {"prediction": dict(zip(("clean", "attacked"), ex.prediction)),
+                   "probs_clean": [round(float(p), 4) for p in ex.probs_clean],
+                   "probs_attacked": [round(float(p), 4) for p in ex.probs_adv],
+                   "outcomes": ex.names, "kl": {k: round(v, 5) for k, v in ex.kl.items()},
+                   "losses": [round(v, 4) for v in ex.losses],
+                   "seconds": {k: round(v, 3) for k, v in ex.seconds.items()}}
+        status = f"{ex.summary()} · {ex.seconds['total']:.2f} s"
+        return [status, *[figs[p] for p in PANELS], numbers]
+
+    with gr.Blocks(title="vlat explorer", analytics_enabled=False) as app:
+        gr.Markdown(INTRO)
+        with gr.Row():
+            with gr.Column(scale=2):
+                gallery = gr.Gallery(value=[(p, c) for p, c in pairs], label="gallery (data_samples/pairs)", columns=6,
+                                     height=260, allow_preview=False, elem_id="gallery")
+                upload_box = gr.File(label="or upload an image", file_types=["image"], elem_id="upload")
+            with gr.Column(scale=1):
+                preview = gr.Image(label="image", type="filepath", interactive=False, height=200, elem_id="image")
+                # what /explore reads: a file, not an image component, so that a file which is not an
+                # image reaches explore() and gets its message instead of failing in Gradio's decoding
+                image = gr.File(visible=False, elem_id="current")
+                caption = gr.Textbox(label="caption", max_length=300, elem_id="caption",
+                                     placeholder="a red circle left of a blue square")
+        with gr.Row():
+            model_choice = gr.Dropdown([*MODELS, HUB_CHOICE], value=next(iter(MODELS)), label="model")
+            hub_id = gr.Textbox(label="Hugging Face id or folder (online / local only)",
+                                placeholder="openai/clip-vit-base-patch32")
+            method = gr.Dropdown(list(EXPLORER_METHODS), value="PGD", label="method", elem_id="method")
+            modality = gr.Radio(list(MODALITIES), value="image", label="perturb")
+        with gr.Row():
+            eps = gr.Slider(0.01, MAX_EPS, value=0.1, step=0.01, label="ε (fraction of the input's norm)",
+                            elem_id="eps")
+            steps = gr.Slider(1, MAX_STEPS, value=10, step=1, label="steps (K; FreeAT replays; YOPO passes)")
+            step_size = gr.Number(value=0, label="step size (0: 2.5 ε / steps)", minimum=0)
+            go = gr.Button("Perturb", variant="primary", elem_id="run")
+        status = gr.Markdown(elem_id="status")
+        with gr.Row():
+            perturbation = gr.Plot(label="where δ went in the image", elem_id="plot-perturbation")
+            tokens = gr.Plot(label="where δ went in the caption", elem_id="plot-tokens")
+        with gr.Row():
+            attention = gr.Plot(label="attention before and after", elem_id="plot-attention")
+            confidence = gr.Plot(label="confidence and KL", elem_id="plot-confidence")
+        attribution = gr.Plot(label="integrated gradients (captum)", elem_id="plot-attribution")
+        numbers = gr.JSON(label="numbers", elem_id="numbers")
+
+        gallery.select(on_select, None, [preview, image, caption, status], api_visibility="private")
+        upload_box.upload(upload, upload_box, [preview, image, status], api_name="upload")
+        gr.api(pick, api_name="pair")
+        go.click(run, [image, caption, model_choice, hub_id, method, modality, eps, steps, step_size],
+                 [status, perturbation, tokens, attention, confidence, attribution, numbers], api_name="explore")
+    return app
+
+
+def launch(host: str = "127.0.0.1", port: int = 7860, **kw) -> gr.Blocks:
+    """Start the explorer: local only, no share link, requests queued one at a time; returns the app
+    (with ``prevent_thread_lock=True`` the call returns at once and ``app.close()`` stops it)."""
+    app = build_app()
+    app.queue(default_concurrency_limit=1, max_size=64)
+    app.launch(server_name=host, server_port=port, share=False, show_error=False, allowed_paths=[str(SAMPLES)], **kw)
+    return app
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description="the vlat explorer (Gradio)")
+    ap.add_argument("--host", default="127.0.0.1", help="interface to bind (default: this machine only)")
+    ap.add_argument("--port", type=int, default=7860)
+    a = ap.parse_args(argv)
+    launch(a.host, a.port)
+
+
+if __name__ == "__main__":
+    main()
