@@ -1,0 +1,55 @@
+"""Time one explorer interaction: PGD-10 on one pair with every panel (attack, prediction, attention,
+captum attributions and the five plotly figures), for each shipped tiny model.
+
+    python benchmarks/explorer_speed.py            # median of 10 runs per model; target < 1 s on CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from vlat.explain.pair import explore  # noqa: E402
+from vlat.explain.views import all_figures  # noqa: E402
+from vlat.models import load_model, model_tokenizer  # noqa: E402
+
+CHECKPOINTS = {"single-stream tiny": "single_stream_tiny_itm", "CLIP tiny": "clip_tiny_itc"}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--modality", default="both")
+    a = ap.parse_args(argv)
+    image = ROOT / "data_samples" / "pairs" / "images" / "00002.png"
+    caption = "a purple circle left of a red circle"
+    print(f"PGD-10 on {a.modality}, one pair, every panel; torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print("| model | median s (all) | attack | attributions | figures | target |")
+    print("|---|---|---|---|---|---|")
+    for label, name in CHECKPOINTS.items():
+        model = load_model(ROOT / "data_samples" / "checkpoints" / f"{name}.safetensors")
+        tok = model_tokenizer(model)
+        explore(model, tok, image, caption, "PGD", a.modality, 0.1, 10)          # warm-up
+        rows = []
+        for _ in range(a.repeats):
+            t = time.perf_counter()
+            ex = explore(model, tok, image, caption, "PGD", a.modality, 0.1, 10)
+            t_fig = time.perf_counter()
+            all_figures(ex)
+            end = time.perf_counter()
+            rows.append((end - t, ex.seconds["attack"], ex.seconds["attributions"], end - t_fig))
+        med = [statistics.median(r[i] for r in rows) for i in range(4)]
+        print(f"| {label} | {med[0]:.3f} | {med[1]:.3f} | {med[2]:.3f} | {med[3]:.3f} | "
+              f"{'ok' if med[0] < 1 else 'OVER'} (< 1 s) |")
+
+
+if __name__ == "__main__":
+    main()

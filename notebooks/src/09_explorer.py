@@ -1,0 +1,146 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 09 · The explorer, inline: what a perturbation does to one image-text pair
+#
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/vlat-project/vlat/blob/main/notebooks/09_explorer.ipynb)
+#
+# The Gradio app (`python -m apps.explorer`) and this notebook draw the same views from the same
+# function, `vlat.explain.pair.explore`. For one pair it runs a method's **inner maximisation** on a
+# fixed model and measures:
+#
+# 1. where δ went: its size per image patch and per caption token;
+# 2. the model's image attention before and after ([CLS] attention rollout);
+# 3. the prediction before and after, with $\mathrm{KL}(p\,\|\,p_{adv})$, $\mathrm{KL}(p_{adv}\,\|\,p)$ and their sum
+#    (SMART's and VILLA's regulariser);
+# 4. captum's integrated gradients: which tokens and patches carried the clean prediction.
+#
+# ε is relative: 0.1 means 10 % of the perturbed input's own norm on this pair.
+
+# %%
+import sys
+
+if "google.colab" in sys.modules:
+    import subprocess
+
+    subprocess.run(["git", "clone", "-q", "https://github.com/vlat-project/vlat"], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", "vlat"], check=True)
+    sys.path.insert(0, "vlat")
+
+# %% tags=["parameters"]
+import os
+
+FAST = os.environ.get("VLAT_FAST") == "1"
+PAIRS = 2 if FAST else 4            # gallery pairs to compare
+STEPS = 5 if FAST else 10           # attack steps
+SEED = 0
+
+# %%
+import json
+from pathlib import Path
+
+import torch
+
+import vlat
+from vlat.explain.pair import EXPLORER_METHODS, explore
+from vlat.explain.views import attention_figure, attribution_figure, confidence_figure, perturbation_figure, token_figure
+from vlat.models import load_model, model_tokenizer
+
+torch.manual_seed(SEED)
+samples = Path(vlat.__file__).parents[1] / "data_samples"
+model = load_model(samples / "checkpoints" / "single_stream_tiny_itm.safetensors")
+tok = model_tokenizer(model)
+records = [json.loads(line) for line in (samples / "pairs" / "captions.jsonl").read_text().splitlines()]
+pairs = [(samples / "pairs" / r["image"], max(r["captions"], key=len)) for r in records[2:2 + PAIRS]]
+image, caption = pairs[0]
+print(caption)
+
+# %% [markdown]
+# ## 1 · One PGD attack on both modalities
+# The model is the shipped tiny single-stream model; it answers "does the caption match the image?".
+# PGD pushes it away from its own clean answer.
+
+# %%
+ex = explore(model, tok, image, caption, "PGD", "both", eps=0.1, steps=STEPS, seed=SEED)
+print(ex.summary())
+print("loss at each step:", [round(v, 3) for v in ex.losses])
+
+# %% [markdown]
+# ## 2 · Where δ went
+# Per image region (the model sees 16 regions of 16 × 16 px) and per caption token.
+
+# %%
+perturbation_figure(ex)
+
+# %%
+token_figure(ex)
+
+# %% [markdown]
+# ## 3 · Attention before and after
+# The rollout of [CLS] over the image regions: how much of the final [CLS] state flows from each.
+
+# %%
+attention_figure(ex)
+
+# %% [markdown]
+# ## 4 · Confidence and KL
+# The bars on the right are what SMART and VILLA penalise: how far the attacked prediction drifted.
+
+# %%
+confidence_figure(ex)
+
+# %% [markdown]
+# ## 5 · What carried the clean prediction: integrated gradients
+# Red pushes towards the predicted answer, blue against it; the attributions add up to
+# p(x) − p(baseline) (the baseline is the zero input at each site).
+
+# %%
+attribution_figure(ex)
+
+# %% [markdown]
+# ## 6 · Every method on the same pair
+# The symmetric KL each method's inner maximisation reaches at the same ε (YOPO perturbs one site, so
+# all run on the image here).
+
+# %%
+rows = {}
+for m in EXPLORER_METHODS:
+    e = explore(model, tok, image, caption, m, "image", eps=0.1, steps=STEPS, seed=SEED, attributions=False)
+    rows[m] = e.kl["symmetric KL"]
+    print(f"{m:7s} symmetric KL {rows[m]:.4f}   {e.prediction[0]} -> {e.prediction[1]}")
+
+# %% [markdown]
+# ## 7 · Try it
+# Pick a pair, a method, the modality and ε (in CI the controls are only drawn).
+
+# %%
+import ipywidgets as widgets
+from IPython.display import display
+
+
+def show(pair, method, modality, eps):
+    img, cap = pairs[pair]
+    try:
+        e = explore(model, tok, img, cap, method, modality, eps=eps, steps=STEPS, seed=SEED)
+    except ValueError as err:        # e.g. YOPO on both modalities
+        print(err)
+        return
+    print(cap, "|", e.summary())
+    display(perturbation_figure(e), confidence_figure(e))
+
+
+widgets.interact_manual(show, pair=widgets.IntSlider(0, 0, len(pairs) - 1, description="pair"),
+                        method=widgets.Dropdown(options=EXPLORER_METHODS, value="PGD"),
+                        modality=widgets.Dropdown(options=["image", "text", "both", "pixels"], value="both"),
+                        eps=widgets.FloatSlider(value=0.1, min=0.01, max=0.5, step=0.01, description="ε"));
+
+# %% [markdown]
+# The same views with an upload box and a gallery: `python -m apps.explorer` (or `vlat explore`).
