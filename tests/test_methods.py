@@ -363,7 +363,7 @@ def test_site_norms_measure_the_masked_clean_input():
     from vlat.adversarial import site_norms
 
     got = site_norms(model, batch, "itm", ("text", "image"))
-    emb = model.bert.embeddings.word_embeddings(batch["input_ids"]) * batch["attention_mask"].unsqueeze(-1)
+    emb = (model.bert.embeddings.word_embeddings(batch["input_ids"]) * batch["attention_mask"].unsqueeze(-1)).detach()
     assert got["text"] == pytest.approx(float(emb.flatten(1).norm(dim=1).mean()), rel=1e-5)
     assert got["image"] > 10 * got["text"]        # raw region features dwarf word embeddings
 
