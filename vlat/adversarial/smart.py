@@ -65,11 +65,11 @@ class SMART(Adversary):
     def regulariser(self, ctx_or_model, batch, clean_logits: torch.Tensor, task: str | None = None) -> torch.Tensor:
         """``max_δ ℓ_s`` estimated by K ascent steps; returns the symmetric-KL term (0 if non-finite)."""
         model = getattr(ctx_or_model, "model", ctx_or_model)
-        deltas = self.new_deltas(model, batch, "normal", self.sigma)
+        deltas = self.new_deltas(model, batch, *self.attack_start(False))
         target = clean_logits.detach()
         for _ in range(self.steps):
-            adv = forward_with(ctx_or_model, batch, deltas, task).logits
-            g = torch.autograd.grad(kl_logits(adv, target), list(deltas.values()))
+            g = torch.autograd.grad(self.attack_objective(ctx_or_model, batch, task, deltas, target),
+                                    list(deltas.values()))
             if not all(bool(torch.isfinite(x.norm())) for x in g):   # NaN/Inf guard
                 self.skipped += 1
                 return clean_logits.new_zeros(())
@@ -82,9 +82,9 @@ class SMART(Adversary):
     def attack_start(self, random_start: bool) -> tuple[str, float]:
         return "normal", self.sigma
 
-    def attack_objective(self, model, batch, task, deltas, clean_logits) -> torch.Tensor:
-        """SMART maximises ``KL(f(x+δ) || f(x))`` (no label), the same inner max as :meth:`regulariser`."""
-        return kl_logits(forward_with(model, batch, deltas, task).logits, clean_logits)
+    def attack_objective(self, ctx_or_model, batch, task, deltas, clean_logits) -> torch.Tensor:
+        """SMART maximises ``KL(f(x+δ) || f(x))`` (no label); :meth:`regulariser` ascends the same."""
+        return kl_logits(forward_with(ctx_or_model, batch, deltas, task).logits, clean_logits)
 
     def direction(self, site, g: torch.Tensor) -> torch.Tensor:
         return per_token_linf(g, site)

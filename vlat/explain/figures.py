@@ -5,6 +5,11 @@ from __future__ import annotations
 import torch
 
 
+def image_array(image: torch.Tensor):
+    """``[3, H, W]`` in [0, 1] -> ``H x W x 3`` uint8, what ``go.Image`` draws."""
+    return (image.detach().clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
+
+
 def scene_grid(images: torch.Tensor, titles: list[str] | None = None, cols: int = 4, size: int = 170):
     """Images ``[N, 3, H, W]`` (uint8 or float in [0, 1]) in a grid, each with a wrapped title."""
     import plotly.graph_objects as go
@@ -16,8 +21,7 @@ def scene_grid(images: torch.Tensor, titles: list[str] | None = None, cols: int 
     wrap = [("<br>".join([t[i:i + 28] for i in range(0, len(t), 28)]) if t else "") for t in (titles or [""] * n)]
     fig = make_subplots(rows=rows, cols=cols, subplot_titles=wrap, horizontal_spacing=0.02, vertical_spacing=0.12)
     for k, im in enumerate(imgs):
-        arr = (im.clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
-        fig.add_trace(go.Image(z=arr), row=k // cols + 1, col=k % cols + 1)
+        fig.add_trace(go.Image(z=image_array(im)), row=k // cols + 1, col=k % cols + 1)
     fig.update_xaxes(visible=False).update_yaxes(visible=False)
     fig.update_annotations(font_size=10)
     fig.update_layout(height=rows * size + 40, width=cols * size, margin=dict(l=5, r=5, t=40, b=5))

@@ -95,6 +95,7 @@ class Probe:
     task: str
     names: list[str]
     tokens: list[str]                  # the caption's tokens, special tokens included, no padding
+    logits: torch.Tensor               # the clean prediction [1, K] (fp32), whose argmax is the label
     text_row: int = 0                  # which row of the text site holds the caption
 
 
@@ -117,8 +118,9 @@ def probe(model: VLModel, tokenizer, image, caption: str, candidates: list[str] 
         raise ValueError(f"{type(model).__name__} has neither an itm nor a classify task to explore")
     batch["labels"] = torch.zeros(1, dtype=torch.long, device=model.device)
     with torch.no_grad():
-        batch["labels"] = model(batch, task).logits.argmax(-1)
-    return Probe(batch, task, names, tokens)
+        logits = model(batch, task).logits.float()
+    batch["labels"] = logits.argmax(-1)
+    return Probe(batch, task, names, tokens, logits)
 
 
 def build_method(name: str, modality: str = "image", eps: float = 0.1, steps: int = 10,
@@ -226,9 +228,9 @@ def explore(model: VLModel, tokenizer, image, caption: str, method: str = "PGD",
 
     t0 = time.perf_counter()
     adv = build_method(method, modality, eps, steps, step_size)
+    model.eval()                                                 # before the probe's clean prediction
     p = probe(model, tokenizer, image, caption, candidates)
     batch, task = p.batch, p.task
-    model.eval()
     adv.resolve_sites(model)
     adv.calibrate(model, batch, task)
     t1 = time.perf_counter()
@@ -236,10 +238,9 @@ def explore(model: VLModel, tokenizer, image, caption: str, method: str = "PGD",
     deltas = adv.attack(model, batch, task, generator=torch.Generator().manual_seed(seed))
     losses = [row["loss"] for row in adv.last_trace]           # FGM/FGSM take no traced steps
     t2 = time.perf_counter()
-    with torch.no_grad():
-        clean = model(batch, task).logits.float()
-        with perturbed(model, deltas, batch):
-            attacked = model(batch, task).logits.float()
+    clean = p.logits
+    with torch.no_grad(), perturbed(model, deltas, batch):
+        attacked = model(batch, task).logits.float()
     kl = {"KL(p||p_adv)": float(kl_logits(clean, attacked)), "KL(p_adv||p)": float(kl_logits(attacked, clean))}
     kl["symmetric KL"] = kl["KL(p||p_adv)"] + kl["KL(p_adv||p)"]
     sites = model.perturbation_sites()

@@ -39,9 +39,10 @@ def image_heatmap(image: torch.Tensor, grid: torch.Tensor, title: str = "‖δ�
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
-    arr = (image.detach().clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
+    from vlat.explain.figures import image_array
+
     fig = make_subplots(rows=1, cols=2, subplot_titles=("image", title))
-    fig.add_trace(go.Image(z=arr), row=1, col=1)
+    fig.add_trace(go.Image(z=image_array(image)), row=1, col=1)
     fig.add_trace(go.Heatmap(z=grid.detach().float().numpy(), colorscale="Inferno", showscale=True), row=1, col=2)
     fig.update_yaxes(autorange="reversed", row=1, col=2)
     fig.update_xaxes(visible=False).update_yaxes(visible=False)
@@ -49,10 +50,15 @@ def image_heatmap(image: torch.Tensor, grid: torch.Tensor, title: str = "‖δ�
     return fig
 
 
+def magnify(delta: torch.Tensor) -> torch.Tensor:
+    """A pixel δ rescaled to fill [0, 1] around mid-grey, so that a tiny perturbation can be seen."""
+    d = delta.detach().float()
+    return 0.5 + 0.5 * d / d.abs().max().clamp_min(1e-12)
+
+
 def adversarial_triptych(image: torch.Tensor, delta: torch.Tensor, titles=("x", "δ (magnified)", "x + δ")):
     """Clean image, δ rescaled to fill [0, 1], and the clamped adversarial image."""
     from vlat.explain.figures import scene_grid
 
     d = delta.detach().float()
-    shown = 0.5 + 0.5 * d / d.abs().max().clamp_min(1e-12)
-    return scene_grid(torch.stack([image, shown, (image + d).clamp(0, 1)]), list(titles), cols=3, size=200)
+    return scene_grid(torch.stack([image, magnify(d), (image + d).clamp(0, 1)]), list(titles), cols=3, size=200)

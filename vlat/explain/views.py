@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import torch
 
+from vlat.explain.figures import image_array
 from vlat.explain.pair import Exploration
+from vlat.explain.perturbation import magnify
 
 HEIGHT = 300
-
-
-def _image_array(image: torch.Tensor):
-    return (image.detach().clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
 
 
 def _row(titles, panels, colorscale="Inferno"):
@@ -26,7 +24,7 @@ def _row(titles, panels, colorscale="Inferno"):
     last = max(i for i, p in enumerate(panels, start=1) if p.dim() == 2) if grids else 0
     for i, p in enumerate(panels, start=1):
         if p.dim() == 3:
-            fig.add_trace(go.Image(z=_image_array(p)), row=1, col=i)
+            fig.add_trace(go.Image(z=image_array(p)), row=1, col=i)
             continue
         fig.add_trace(go.Heatmap(z=p.float().numpy(), colorscale=colorscale, zmin=0, zmax=zmax, showscale=i == last,
                                  colorbar=dict(len=0.9, thickness=12)), row=1, col=i)
@@ -43,9 +41,8 @@ def perturbation_figure(ex: Exploration):
     if ex.pixel_delta is None:
         return _row(["image", "‖δ‖ per patch"], [ex.image, ex.patch_delta])
     d = ex.pixel_delta.float()
-    shown = 0.5 + 0.5 * d / d.abs().max().clamp_min(1e-12)
     return _row(["image", "‖δ‖ per patch", "δ magnified", "x + δ"],
-                [ex.image, ex.patch_delta, shown, (ex.image + d).clamp(0, 1)])
+                [ex.image, ex.patch_delta, magnify(d), (ex.image + d).clamp(0, 1)])
 
 
 def _note(text: str):
@@ -78,9 +75,8 @@ def confidence_figure(ex: Exploration, top: int = 5):
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
-    order = torch.argsort(torch.maximum(ex.probs_clean, ex.probs_adv), descending=True)[:top].tolist()
-    if ex.task == "itm":
-        order = [0, 1]
+    order = [0, 1] if ex.task == "itm" else \
+        torch.argsort(torch.maximum(ex.probs_clean, ex.probs_adv), descending=True)[:top].tolist()
     names = [_short(ex.names[i]) for i in order]
     fig = make_subplots(rows=1, cols=2, column_widths=[0.68, 0.32],
                         subplot_titles=("prediction before and after", "divergence"))
@@ -115,7 +111,7 @@ def attribution_figure(ex: Exploration):
     fig.add_trace(go.Bar(x=list(range(len(t))), y=t, marker_color=["#D62728" if v > 0 else "#1F77B4" for v in t],
                          showlegend=False), row=1, col=1)
     fig.update_xaxes(tickvals=list(range(len(t))), ticktext=ex.tokens, row=1, col=1)
-    fig.add_trace(go.Image(z=_image_array(ex.image)), row=1, col=2)
+    fig.add_trace(go.Image(z=image_array(ex.image)), row=1, col=2)
     z = ex.ig_patches.float()
     m = float(z.abs().max()) or 1.0
     fig.add_trace(go.Heatmap(z=z.numpy(), colorscale="RdBu", reversescale=True, zmin=-m, zmax=m, zmid=0,
