@@ -93,7 +93,7 @@ def main(argv=None) -> None:
     task = a.task or ("itm" if a.model == "single_stream" else "itc")
     torch.manual_seed(0)
     model = build_model(a.model, a.preset).to(device).train()
-    data = WorldDataset(task, size=a.batch)
+    data = WorldDataset(task, size=a.batch, image_size=model.config.image_size)
     batch = to_device(Collator(load_tokenizer(), task)([data[i] for i in range(a.batch)]), device)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     print(f"{a.model}/{a.preset}, task {task}, site {a.site}, batch {a.batch}, device {device}, "

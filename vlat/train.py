@@ -132,7 +132,7 @@ class StepContext:
         if self.scaler is not None:  # the scaler skips inf steps itself and lowers its scale
             self.scaler.step(self.optimizer)
             self.scaler.update()
-            if loss is not None and not bool(torch.isfinite(loss.detach())):
+            if not finite:  # what the scaler skipped (its first steps, while the scale comes down) counts too
                 self.state.skipped += 1
         else:
             self.optimizer.step()
