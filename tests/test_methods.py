@@ -100,7 +100,8 @@ def test_smart_regulariser_zero_at_zero_and_symmetric():
 
 # ---- invariants over every method, site and model family ------------------------------------------
 SITES = [("single_stream", "itm", "text"), ("single_stream", "itm", "image"), ("single_stream", "qa", "pixels"),
-         ("clip", "itc", "text"), ("clip", "classify", "image"), ("clip", "itc", "pixels")]
+         ("clip", "itc", "text"), ("clip", "classify", "image"), ("clip", "itc", "pixels"),
+         ("albef", "pretrain", "text"), ("albef", "itm", "image"), ("albef", "pretrain", "pixels")]
 
 
 @pytest.mark.parametrize("name,task,site", SITES)
@@ -156,7 +157,8 @@ TRAIN_METHODS = [FGSM, FGM, PGD, FreeAT, FreeLB, SMART, YOPO]
 
 @pytest.mark.parametrize("method", TRAIN_METHODS, ids=lambda m: m.__name__)
 @pytest.mark.parametrize("name,task,site", [("single_stream", "itm", "text"), ("clip", "itc", "image"),
-                                            ("single_stream", "tf", "pixels")])
+                                            ("single_stream", "tf", "pixels"), ("albef", "pretrain", "text"),
+                                            ("albef", "pretrain", "image")])
 def test_every_method_trains_every_family(method, name, task, site):
     torch.manual_seed(0)
     model = build_model(name, "nano").train()
@@ -257,7 +259,9 @@ def test_registry_lists_every_method():
 @pytest.mark.parametrize("name,task,site,last", [
     ("single_stream", "itm", "text", lambda m: m.bert.encoder.layer[-1]),
     ("clip", "itc", "image", lambda m: m.clip.vision_model.post_layernorm),   # nano CLIP has one block
-    ("clip", "itc", "text", lambda m: m.clip.text_model.final_layer_norm)])
+    ("clip", "itc", "text", lambda m: m.clip.text_model.final_layer_norm),
+    ("albef", "itm", "text", lambda m: m.itm_head),                          # nano ALBEF: one text layer
+    ("albef", "itm", "image", lambda m: m.itm_head)])
 def test_yopo_inner_steps_run_layer_one_only(name, task, site, last):
     torch.manual_seed(0)
     model = build_model(name, "nano").train()
@@ -383,7 +387,8 @@ def test_calibrated_eps_is_a_fraction_of_each_sites_norm(norm):
 
 
 @pytest.mark.parametrize("method", [PGD, FreeAT, FreeLB, SMART, YOPO])
-@pytest.mark.parametrize("name,task,site", [("single_stream", "itm", "text"), ("clip", "classify", "image")])
+@pytest.mark.parametrize("name,task,site", [("single_stream", "itm", "text"), ("clip", "classify", "image"),
+                                            ("albef", "itm", "text")])
 def test_inner_maximisation_raises_its_objective(method, name, task, site):
     """The δ each method's attack() returns scores higher on its objective than its starting point."""
     torch.manual_seed(0)

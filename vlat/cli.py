@@ -35,12 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a model on a toy-world task with a progress bar; writes "
                        "OUT/model.safetensors (weights + config), OUT/last.safetensors (resumable state) and "
                        "OUT/history.json, then prints the ID and per-shift OOD table.")
-    t.add_argument("--model", default="clip", help="model family: single_stream or clip")
+    t.add_argument("--model", default="clip", help="model family: single_stream, clip or albef")
     t.add_argument("--preset", default="tiny", help="size preset: tiny (about a minute on CPU), nano (seconds), "
                    "base (single_stream, GPU)")
     t.add_argument("--task", default=None, choices=TASKS,
                    help="what to train on: itm (image-text matching), itc (contrastive), qa, tf (true/false), "
-                   "mlm; default: itm for single_stream, itc for clip")
+                   "mlm, pretrain (ALBEF: ITC + ITM + MLM); default: itm for single_stream, itc for clip, pretrain for albef")
     t.add_argument("--method", default="clean", help=f"training step: {', '.join(METHOD_NAMES)}")
     t.add_argument("--sites", default=None, help="perturbation sites, comma-separated: text, image, pixels "
                    "(default: the method's own, text for most)")
@@ -133,7 +133,7 @@ def cmd_train(a) -> int:
     from vlat.train import TrainConfig, train
     from vlat.world import Collator, WorldDataset
 
-    task = a.task or {"single_stream": "itm", "clip": "itc"}.get(a.model, "itm")
+    task = a.task or {"single_stream": "itm", "clip": "itc", "albef": "pretrain"}.get(a.model, "itm")
     step = method_from_args(a)
     if a.method == "freeat":  # equal cost to clean training: N/m epochs of m replays
         a.epochs = step.equal_cost_epochs(a.epochs)
@@ -142,11 +142,13 @@ def cmd_train(a) -> int:
     model.check_task(task)
     data = WorldDataset(task, "train", a.train_size, a.seed, noise_rate=a.noise_rate, image_size=model.config.image_size)
     tok = model_tokenizer(model)
-    eval_task = PRIMARY_TASK[model.kind] if task == "itc" and model.kind == "clip" else task
+    if model.kind == "albef":  # α ramps up over the first epoch; the queue needs whole batches
+        model.config.alpha_warmup_steps = max(1, a.train_size // a.batch_size)
+    eval_task = PRIMARY_TASK[model.kind] if (task == "itc" and model.kind == "clip") or task == "pretrain" else task
     cfg = TrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, weight_decay=a.weight_decay,
                       warmup_frac=a.warmup, grad_clip=a.grad_clip, seed=a.seed, eval_every=a.eval_every,
                       save_every=a.save_every, amp=a.amp, device=a.device, out_dir=a.out, max_steps=a.max_steps,
-                      progress=not a.no_progress)
+                      progress=not a.no_progress, drop_last=model.kind == "albef")
     metric = "TR@1" if eval_task == "itc" else "accuracy"
 
     def eval_fn(m):

@@ -24,7 +24,7 @@ from vlat.train import to_device
 from vlat.world.datasets import Collator, WorldDataset, encode_text
 from vlat.world.scenes import SHIFTS
 
-PRIMARY_TASK = {"single_stream": "itm", "clip": "classify"}
+PRIMARY_TASK = {"single_stream": "itm", "clip": "classify", "albef": "itm"}
 
 
 @contextlib.contextmanager

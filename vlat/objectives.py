@@ -1,11 +1,15 @@
 """Losses and the masking that feeds them.
 
-This module grows with the methods (ITC, ITM with hard negatives, distillation, MPM-NCE). MLM
-masking lives with the tokenizer in :mod:`vlat.world.masking` (the collate function applies it, so
-every inner step of a method sees the same masked batch) and is re-exported here.
+KL terms (SMART, VILLA), and ALBEF's losses (METHODS.md §9): image-text contrastive loss against the
+batch and a queue with momentum-distilled soft targets, hard-negative sampling for ITM, MLM with soft
+targets, and the EMA that drives the momentum encoders. MLM masking lives with the tokenizer in
+:mod:`vlat.world.masking` (the collate function applies it, so every inner step of a method sees the
+same masked batch) and is re-exported here.
 """
 
 from __future__ import annotations
+
+from typing import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -26,4 +30,86 @@ def symmetric_kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor
     return kl_logits(p_logits, q_logits) + kl_logits(q_logits, p_logits)
 
 
-__all__ = ["kl_logits", "mask_tokens", "symmetric_kl"]
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``-Σ_c q_c log softmax(logits)_c`` per row, averaged over rows; ``targets`` rows are
+    distributions ``[N, C]`` (one-hot rows give ordinary cross-entropy)."""
+    return -(targets * F.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
+
+
+def distilled_targets(onehot: torch.Tensor, teacher_logits: torch.Tensor | None, alpha: float | torch.Tensor) -> torch.Tensor:
+    """ALBEF's momentum-distillation targets ``α · softmax(teacher) + (1 - α) · onehot``.
+
+    With ``α = 0`` (or no teacher) they are the one-hot labels, and the loss is plain InfoNCE / MLM."""
+    if teacher_logits is None:
+        return onehot
+    return alpha * F.softmax(teacher_logits.float(), dim=-1) + (1 - alpha) * onehot
+
+
+def itc_loss(image: torch.Tensor, text: torch.Tensor, image_all: torch.Tensor, text_all: torch.Tensor,
+             temp: torch.Tensor | float, alpha: float | torch.Tensor = 0.0, image_m: torch.Tensor | None = None,
+             text_m: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ALBEF's image-text contrastive loss against the batch **and a queue**.
+
+    Args:
+        image, text: L2-normalised features of this batch from the trained encoders, ``[B, P]``.
+        image_all, text_all: the momentum encoders' features of this batch followed by the queue,
+            ``[B + Q, P]`` (row ``i < B`` is the positive of row ``i`` of the batch).
+        temp: the temperature (ALBEF: learnable, clamped to [0.001, 0.5]).
+        alpha: weight of the momentum teacher's soft targets; ``image_m``/``text_m`` (``[B, P]``, the
+            momentum features of the batch) are needed when ``alpha > 0``.
+
+    Returns ``(loss, sim_i2t, sim_t2i)``; the similarities ``[B, B + Q]`` (already divided by ``temp``)
+    feed hard-negative sampling. ``loss = (CE(sim_i2t, q_i2t) + CE(sim_t2i, q_t2i)) / 2``.
+    """
+    B = image.shape[0]
+    sim_i2t = image.float() @ text_all.float().t() / temp                 # [B, B + Q]
+    sim_t2i = text.float() @ image_all.float().t() / temp                 # [B, B + Q]
+    onehot = torch.zeros_like(sim_i2t)
+    onehot[:, :B] = torch.eye(B, device=sim_i2t.device)
+    with torch.no_grad():
+        teach_i2t = image_m.float() @ text_all.float().t() / temp if image_m is not None else None
+        teach_t2i = text_m.float() @ image_all.float().t() / temp if text_m is not None else None
+        q_i2t = distilled_targets(onehot, teach_i2t, alpha)
+        q_t2i = distilled_targets(onehot, teach_t2i, alpha)
+    loss = 0.5 * (soft_cross_entropy(sim_i2t, q_i2t) + soft_cross_entropy(sim_t2i, q_t2i))
+    return loss, sim_i2t, sim_t2i
+
+
+def hard_negatives(sim: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """For each row ``i`` of an in-batch similarity ``[B, B]``, draw one column ``j != i`` with
+    probability ``softmax(sim_i)_j`` renormalised over ``j != i`` (ALBEF's hard negatives; the positive
+    is excluded exactly, not by a small weight). Returns indices ``[B]``. Needs ``B >= 2``."""
+    B = sim.shape[0]
+    if B < 2:
+        raise ValueError("hard negatives need at least 2 pairs in a batch")
+    with torch.no_grad():
+        eye = torch.eye(B, dtype=torch.bool, device=sim.device)
+        weights = F.softmax(sim.float().masked_fill(eye, float("-inf")), dim=1)
+        return torch.multinomial(weights, 1, generator=generator).squeeze(1)
+
+
+def mlm_loss(logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor | None = None,
+             alpha: float | torch.Tensor = 0.0) -> torch.Tensor:
+    """Masked-token cross-entropy over positions with ``labels != -100``; with a teacher,
+    ``(1 - α) · CE(y) + α · CE(softmax(teacher))`` (ALBEF's distilled MLM)."""
+    chosen = labels != -100                                               # [B, L]
+    pred = logits[chosen].float()                                         # [M, V]
+    if pred.shape[0] == 0:
+        return logits.sum() * 0.0
+    hard = F.cross_entropy(pred, labels[chosen])
+    if teacher_logits is None:
+        return hard
+    soft = soft_cross_entropy(pred, F.softmax(teacher_logits[chosen].float(), dim=-1))
+    return (1 - alpha) * hard + alpha * soft
+
+
+@torch.no_grad()
+def ema_(target: Iterable[torch.Tensor], source: Iterable[torch.Tensor], momentum: float) -> None:
+    """``θ̃ ← m · θ̃ + (1 - m) · θ`` in place, for matching parameter lists (ALBEF's momentum encoders)."""
+    target, source = list(target), list(source)
+    torch._foreach_mul_(target, momentum)
+    torch._foreach_add_(target, source, alpha=1.0 - momentum)
+
+
+__all__ = ["distilled_targets", "ema_", "hard_negatives", "itc_loss", "kl_logits", "mask_tokens", "mlm_loss",
+           "soft_cross_entropy", "symmetric_kl"]

@@ -56,6 +56,7 @@ class TrainConfig:
     out_dir: str | None = None      # where checkpoints and history.json go (None: nowhere)
     max_steps: int | None = None    # stop early after this many steps (for tests and smoke runs)
     progress: bool = True           # tqdm progress bar
+    drop_last: bool = False         # skip an epoch's last short batch (ALBEF's queue needs equal batches)
 
 
 @dataclass
@@ -137,6 +138,8 @@ class StepContext:
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if finite:  # momentum encoders and feature queues (ALBEF) advance once per real update
+            self.model.after_optimizer_step()
         return finite
 
 
@@ -234,7 +237,9 @@ def train(model: VLModel, task: str, train_data, config: TrainConfig | None = No
     torch.manual_seed(config.seed)
     model.to(device)
     n = len(train_data)
-    per_epoch = math.ceil(n / config.batch_size)
+    per_epoch = n // config.batch_size if config.drop_last else math.ceil(n / config.batch_size)
+    if per_epoch == 0:
+        raise ValueError(f"drop_last with {n} items and batch size {config.batch_size} leaves no batch")
     total = per_epoch * config.epochs if config.max_steps is None else min(config.max_steps, per_epoch * config.epochs)
     optimizer, scheduler = make_optimizer(model, config, total)
     state = TrainState()
@@ -269,7 +274,8 @@ def train(model: VLModel, task: str, train_data, config: TrainConfig | None = No
         if hasattr(train_data, "set_epoch"):
             train_data.set_epoch(state.epoch)
         order = epoch_order(n, config.seed, state.epoch)
-        starts = range(state.batch_in_epoch * config.batch_size, n, config.batch_size)
+        last = n - config.batch_size + 1 if config.drop_last else n
+        starts = range(state.batch_in_epoch * config.batch_size, last, config.batch_size)
         for start in starts:
             if state.step >= total:
                 break

@@ -213,13 +213,24 @@ class Adversary:
         return out
 
 
+class SiteOutputs(dict):
+    """``name -> the site's first output`` of a forward, plus ``calls[name]``: every output of that site.
+
+    A site module can run more than once per forward (ALBEF's word embeddings embed the caption and the
+    masked caption); δ is added at every call, so ``∇_δ L`` is the sum of the gradients at all of them."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: dict[str, list[torch.Tensor]] = {}
+
+
 def forward_capturing(ctx_or_model, batch: dict, site_names, task: str | None = None):
     """A clean forward that keeps each site's output (with ``retain_grad``), so the backward the step
     needs anyway also yields ``∇_x L`` at every site, with no zero δ to add. Returns ``(out, outputs)``;
-    after ``backward``, ``outputs[name].grad`` is the site gradient."""
+    after ``backward``, :func:`site_grads` reads the site gradients (summed over repeated calls)."""
     model = getattr(ctx_or_model, "model", ctx_or_model)
     sites = model.perturbation_sites()
-    outputs, handles = {}, []
+    outputs, handles = SiteOutputs(), []
 
     def keep(name):
         def hook(module, args, output):
@@ -227,7 +238,8 @@ def forward_capturing(ctx_or_model, batch: dict, site_names, task: str | None = 
                 output = output.detach().requires_grad_(True)
             else:
                 output.retain_grad()
-            outputs[name] = output
+            outputs.setdefault(name, output)
+            outputs.calls.setdefault(name, []).append(output)
             return output
         return hook
 
@@ -241,7 +253,6 @@ def forward_capturing(ctx_or_model, batch: dict, site_names, task: str | None = 
     return out, outputs
 
 
-@torch.no_grad()
 def site_norms(model: VLModel, batch: dict, task: str, sites=None, norm: str = "l2") -> dict[str, float]:
     """Mean per-example ``||x||`` of each site's clean input over a batch (masked entries only).
 
@@ -258,8 +269,10 @@ def site_norms(model: VLModel, batch: dict, task: str, sites=None, norm: str = "
 
 
 def site_grads(outputs: dict) -> dict[str, torch.Tensor]:
-    """``∇`` at each captured site output (zeros where the graph did not reach, e.g. a frozen input)."""
-    return {k: (o.grad if o.grad is not None else torch.zeros_like(o)).float() for k, o in outputs.items()}
+    """``∇`` at each captured site output, summed over the site's calls in the forward (zeros where the
+    graph did not reach, e.g. a frozen input)."""
+    calls = getattr(outputs, "calls", {k: [o] for k, o in outputs.items()})
+    return {k: sum((o.grad if o.grad is not None else torch.zeros_like(o)).float() for o in calls[k]) for k in outputs}
 
 
 def forward_with(ctx_or_model, batch: dict, deltas: dict | None, task: str | None = None):

@@ -10,6 +10,8 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+from vlat.models.albef import PRESETS as ALBEF_PRESETS
+from vlat.models.albef import AlbefConfig, AlbefModel
 from vlat.models.base import PerturbationSite, TaskOutput, VLModel, perturbed
 from vlat.models.clip import PRESETS as CLIP_PRESETS
 from vlat.models.clip import ClipConfig, ClipDualEncoder
@@ -19,6 +21,7 @@ from vlat.models.single_stream import SingleStreamConfig, SingleStreamModel
 MODELS = {
     "single_stream": (SingleStreamModel, SingleStreamConfig, SINGLE_PRESETS),
     "clip": (ClipDualEncoder, ClipConfig, CLIP_PRESETS),
+    "albef": (AlbefModel, AlbefConfig, ALBEF_PRESETS),
 }
 
 
@@ -93,6 +96,6 @@ def load_model(path: str | Path, map_location: str = "cpu") -> VLModel:
     return model.eval()
 
 
-__all__ = ["MODELS", "ClipConfig", "ClipDualEncoder", "PerturbationSite", "SingleStreamConfig",
+__all__ = ["MODELS", "AlbefConfig", "AlbefModel", "ClipConfig", "ClipDualEncoder", "PerturbationSite", "SingleStreamConfig",
            "SingleStreamModel", "TaskOutput", "VLModel", "build_model", "load_model", "model_tokenizer",
            "perturbed", "read_metadata", "save_model"]

@@ -130,6 +130,11 @@ class VLModel(nn.Module):
         token; a fusion model uses its text-to-image cross-attention. Runs under any active δ hooks."""
         raise NotImplementedError(f"{type(self).__name__} shows no image attention")
 
+    def after_optimizer_step(self) -> None:
+        """Called by the training loop after every applied optimiser step (not after skipped ones, and
+        not per forward: an adversarial method may run many forwards per step). Models with state that
+        follows the weights (ALBEF's momentum encoders and queues) update it here; others do nothing."""
+
     def check_task(self, task: str) -> None:
         if task not in self.tasks:
             raise ValueError(f"{type(self).__name__} has no task {task!r}; it supports {', '.join(self.tasks)}")

