@@ -38,10 +38,7 @@ The ``paraphrase`` column re-words captions, not statements, so for ``tf`` it eq
 from __future__ import annotations
 
 import argparse
-import json
-import multiprocessing as mp
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -49,6 +46,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import load_runs, print_table, run_all, save_runs, threads_per_job  # noqa: E402
 
 from vlat.adversarial import FGM, PGD, SMART, YOPO, FreeAT, FreeLB  # noqa: E402
 from vlat.evaluate import accuracy, robust_accuracy  # noqa: E402
@@ -120,7 +120,7 @@ def run(method: str, seed: int, a) -> dict:
 
 def _run(job):
     method, seed, a = job
-    return method, seed, run(method, seed, a)
+    return {"method": method, "seed": seed, **run(method, seed, a)}
 
 
 def settings(a) -> str:
@@ -133,40 +133,11 @@ def settings(a) -> str:
             f"at a time")
 
 
-def save_partial(a, done: list, result) -> None:
-    """Keep every finished run (and write them to ``--json`` at once, so a cut-off run loses nothing)."""
-    done.append(result)
-    if a.json:
-        runs = [{"method": m, "seed": s, **row} for m, s, row in done]
-        Path(a.json).write_text(json.dumps({"settings": settings(a), "runs": runs}, indent=1))
-
-
-def summary(rows: list[dict]) -> list[str]:
-    cells = []
-    for c in rows[0]:
-        vals = [r[c] for r in rows]
-        sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
-        cells.append(f"{statistics.mean(vals):.0f} ± {sd:.0f}" if c == "time_s" else f"{statistics.mean(vals):.3f} ± {sd:.3f}")
-    return cells
-
-
-def print_table(results: dict) -> None:
-    cols = list(next(iter(results.values()))[0])
-    print("| method | " + " | ".join(cols) + " |")
-    print("|---" * (len(cols) + 1) + "|")
-    for m, rows in results.items():
-        print(f"| {m} | " + " | ".join(summary(rows)) + " |", flush=True)
-
-
-def report(files: list[str]) -> None:
-    """Print one table from the ``--json`` files of runs done in parts (e.g. a subset of methods per call)."""
-    results: dict = {}
-    for f in files:
-        saved = json.loads(Path(f).read_text())
-        print(f"{f}: {saved['settings']}")
-        for r in sorted(saved["runs"], key=lambda r: r["seed"]):
-            results.setdefault(r["method"], []).append({k: v for k, v in r.items() if k not in ("method", "seed")})
-    print_table({m: results[m] for m in METHODS if m in results})
+def table(runs: list[dict]) -> None:
+    rows: dict = {}
+    for r in sorted(runs, key=lambda r: r["seed"]):
+        rows.setdefault(r["method"], []).append({k: v for k, v in r.items() if k not in ("method", "seed")})
+    print_table({m: rows[m] for m in METHODS if m in rows})
 
 
 def main(argv=None) -> None:
@@ -193,30 +164,30 @@ def main(argv=None) -> None:
     ap.add_argument("--report", nargs="+", default=None, metavar="JSON", help="only print the table of saved --json files")
     a = ap.parse_args(argv)
     if a.report:
-        return report(a.report)
+        return table(load_runs(a.report))
     if a.fast:
         a.pretrain_epochs, a.epochs, a.train_size, a.eval_size, a.seeds = 1, 1, 128, 64, 1
     methods = a.methods.split(",")
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         ap.error(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
-    a.threads = max(1, (os.cpu_count() or 1) // a.jobs) if a.jobs > 1 else 0
+    a.threads = threads_per_job(a.jobs)
     t0 = time.perf_counter()
-    jobs = [(m, seed, a) for m in methods for seed in range(a.seeds)]
-    done: list = []
-    if a.jobs > 1:
-        ctx = mp.get_context("spawn")              # CUDA cannot be forked
-        with ctx.Pool(min(a.jobs, a.seeds)) as pool:  # pre-train each seed once, in parallel
-            pool.starmap(pretrained, [(seed, a) for seed in range(a.seeds)])
-        with ctx.Pool(a.jobs) as pool:
-            for result in pool.imap_unordered(_run, jobs):
-                save_partial(a, done, result)
-    else:
-        for job in jobs:
-            save_partial(a, done, _run(job))
-    results = {m: [row for mm, _, row in sorted(done, key=lambda r: r[1]) if mm == m] for m in methods}
+    if a.jobs > 1:  # pre-train each seed once, in parallel, before the runs that start from it
+        run_all(_pretrain, [(seed, a) for seed in range(a.seeds)], min(a.jobs, a.seeds), lambda _: None)
+    runs: list = []
+
+    def keep(row):
+        runs.append(row)
+        save_runs(a.json, settings(a), runs)
+
+    run_all(_run, [(m, seed, a) for m in methods for seed in range(a.seeds)], a.jobs, keep)
     print(f"{settings(a)}; total {time.perf_counter() - t0:.0f} s")
-    print_table(results)
+    table(runs)
+
+
+def _pretrain(job):
+    return pretrained(*job)
 
 
 if __name__ == "__main__":

@@ -196,6 +196,18 @@ def test_save_and_load_keep_weights_queue_and_update_count(tmp_path):
     assert torch.allclose(model(batch, "itm").logits, back(batch, "itm").logits)
 
 
+def test_an_inference_only_file_loads_with_fresh_momentum_copies(tmp_path):
+    model = nano()
+    with torch.no_grad():
+        model.text_proj.weight.add_(1.0)                  # trained weights now differ from the copies
+    save_model(model, tmp_path / "small.safetensors", inference_only=True)
+    save_model(model, tmp_path / "full.safetensors")
+    assert (tmp_path / "small.safetensors").stat().st_size < 0.6 * (tmp_path / "full.safetensors").stat().st_size
+    back = load_model(tmp_path / "small.safetensors")
+    assert torch.equal(back.text_proj_m.weight, model.text_proj.weight)
+    assert torch.equal(back.image_queue, model.image_queue)
+
+
 def test_retrieval_and_itm_evaluation_run():
     from vlat.evaluate import accuracy, retrieval
     from vlat.world import WorldDataset

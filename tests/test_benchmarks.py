@@ -29,3 +29,16 @@ def test_robustness_fast_run_writes_rows_and_reports(tmp_path, capsys):
     rob.main(["--report", str(out)])
     table = capsys.readouterr().out
     assert "| clean |" in table and "| FGM |" in table
+
+
+def test_albef_ablation_fast_run_has_both_arms_per_noise_rate(tmp_path, capsys):
+    abl = load("albef_ablation")
+    out = tmp_path / "rows.json"
+    abl.main(["--fast", "--noise", "0.4", "--train-size", "128", "--json", str(out)])
+    runs = json.loads(out.read_text())["runs"]
+    assert sorted((r["noise"], r["distill"]) for r in runs) == [(0.4, False), (0.4, True)]
+    for r in runs:
+        assert 0 <= r["TR@1"] <= r["TR@5"] <= 1 and 0 <= r["IR@1"] <= r["IR@5"] <= 1 and 0 <= r["ITM acc"] <= 1
+    capsys.readouterr()
+    abl.main(["--report", str(out)])
+    assert "| noise 40%, MD on |" in capsys.readouterr().out

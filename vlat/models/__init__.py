@@ -54,11 +54,14 @@ def checkpoint_metadata(model: VLModel, **info) -> dict[str, str]:
     return {"vlat": json.dumps({"kind": model.kind, "config": cfg, **info})}
 
 
-def save_model(model: VLModel, path: str | Path, **info) -> None:
-    """Write weights + config to one safetensors file, atomically (temporary file, then rename)."""
+def save_model(model: VLModel, path: str | Path, inference_only: bool = False, **info) -> None:
+    """Write weights + config to one safetensors file, atomically (temporary file, then rename).
+
+    ``inference_only`` leaves out what only training needs (ALBEF's momentum copies), where a model has it."""
     from vlat.checkpoint import save_tensors
 
-    state = {k: v for k, v in model.state_dict().items()}
+    state = model.inference_state() if inference_only and hasattr(model, "inference_state") else model.state_dict()
+    state = dict(state)
     save_tensors(state, path, checkpoint_metadata(model, **info))
 
 

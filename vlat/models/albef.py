@@ -175,9 +175,29 @@ class AlbefModel(VLModel):
                 raise ValueError(f"BERT layer {half + j} does not fit a fusion layer: {missing} {unexpected}")
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """A file without the momentum copies (a shipped, inference-sized checkpoint) loads too: the copies
+        then start equal to the trained weights, as at the start of pre-training."""
+        momentum = tuple(f"{m}." for _, m in MOMENTUM_PAIRS)
+        no_copy = not any(k.startswith(momentum) for k in state_dict)
+        if no_copy:
+            state_dict = {**{k: v for k, v in self.state_dict().items() if k.startswith(momentum)}, **state_dict}
         result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        if no_copy:
+            self.reset_momentum()
         self.updates, self.ptr = int(self.num_updates), int(self.queue_ptr)
         return result
+
+    @torch.no_grad()
+    def reset_momentum(self) -> None:
+        """Momentum copies ← trained weights."""
+        for name, m_name in MOMENTUM_PAIRS:
+            for pm, p in zip(getattr(self, m_name).parameters(), getattr(self, name).parameters()):
+                pm.copy_(p)
+
+    def inference_state(self) -> dict:
+        """The state without the momentum copies (half the size): what a shipped checkpoint needs."""
+        momentum = tuple(f"{m}." for _, m in MOMENTUM_PAIRS)
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(momentum)}
 
     # ---- the contract ---------------------------------------------------------------------------
     def perturbation_sites(self) -> dict[str, PerturbationSite]:

@@ -1,0 +1,56 @@
+"""What the benchmark scripts share: runs in parallel processes, rows saved as they finish, mean ± std tables."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import statistics
+from pathlib import Path
+from typing import Callable
+
+
+def threads_per_job(jobs: int) -> int:
+    """CPU threads each of ``jobs`` parallel runs may use (0: leave torch's default, for one run)."""
+    return max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else 0
+
+
+def run_all(fn: Callable, jobs: list, n_jobs: int, on_result: Callable) -> None:
+    """``fn(job)`` for every job, ``n_jobs`` at a time in spawned processes (CUDA cannot be forked; the
+    runs can share one GPU), calling ``on_result`` as each finishes so a cut-off run loses nothing."""
+    if n_jobs > 1:
+        with mp.get_context("spawn").Pool(n_jobs) as pool:
+            for result in pool.imap_unordered(fn, jobs):
+                on_result(result)
+    else:
+        for job in jobs:
+            on_result(fn(job))
+
+
+def save_runs(path: str | None, settings: str, runs: list[dict]) -> None:
+    if path:
+        Path(path).write_text(json.dumps({"settings": settings, "runs": runs}, indent=1))
+
+
+def load_runs(files: list[str]) -> list[dict]:
+    runs = []
+    for f in files:
+        saved = json.loads(Path(f).read_text())
+        print(f"{f}: {saved['settings']}")
+        runs += saved["runs"]
+    return runs
+
+
+def mean_std(values: list[float], digits: int = 3) -> str:
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.{digits}f} ± {sd:.{digits}f}"
+
+
+def print_table(rows: dict[str, list[dict]], first: str = "method") -> None:
+    """``{row name: [per-seed dicts of metrics]}`` as a Markdown table of mean ± std (time in whole seconds)."""
+    cols = list(next(iter(rows.values()))[0])
+    print(f"| {first} | " + " | ".join(cols) + " |")
+    print("|---" * (len(cols) + 1) + "|")
+    for name, runs in rows.items():
+        cells = [mean_std([r[c] for r in runs], 0 if c == "time_s" else 3) for c in cols]
+        print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
