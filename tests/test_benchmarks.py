@@ -34,7 +34,7 @@ def test_robustness_fast_run_writes_rows_and_reports(tmp_path, capsys):
 def test_albef_ablation_fast_run_has_both_arms_per_noise_rate(tmp_path, capsys):
     abl = load("albef_ablation")
     out = tmp_path / "rows.json"
-    abl.main(["--fast", "--noise", "0.4", "--train-size", "128", "--json", str(out)])
+    abl.main(["--fast", "--noise", "0.4", "--json", str(out)])
     runs = json.loads(out.read_text())["runs"]
     assert sorted((r["noise"], r["distill"]) for r in runs) == [(0.4, False), (0.4, True)]
     for r in runs:
