@@ -51,3 +51,24 @@ def loss_curve(losses: list[float], title: str = "training loss", smooth: int = 
     fig.add_scatter(y=avg, mode="lines", name=f"mean of {smooth}")
     fig.update_layout(title=title, xaxis_title="step", yaxis_title="loss", height=320)
     return fig
+
+
+def similarity_heatmap(sim: torch.Tensor, rows: list[str], cols: list[str], title: str = "similarity"):
+    """A ``[R, C]`` score matrix as a heat map with labelled rows (e.g. images) and columns (captions)."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure(go.Heatmap(z=sim.detach().float().cpu().numpy(), x=cols, y=rows, colorscale="Viridis"))
+    fig.update_layout(title=title, height=120 + 28 * len(rows), yaxis=dict(autorange="reversed"),
+                      xaxis=dict(tickangle=45), margin=dict(l=10, r=10, t=40, b=10))
+    return fig
+
+
+def target_bars(targets: dict[str, torch.Tensor], labels: list[str], title: str = "targets"):
+    """Grouped bars of distributions over the same labels (one-hot vs soft targets, say)."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for name, t in targets.items():
+        fig.add_bar(name=name, x=labels, y=t.detach().float().cpu().tolist())
+    fig.update_layout(barmode="group", title=title, yaxis=dict(title="probability"), height=330)
+    return fig
