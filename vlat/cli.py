@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "OUT/model.safetensors (weights + config), OUT/last.safetensors (resumable state) and "
                        "OUT/history.json, then prints the ID and per-shift OOD table.")
     t.add_argument("--model", default="clip", help="model family: single_stream, clip or albef")
+    t.add_argument("--init", default=None, metavar="CHECKPOINT",
+                   help="start from a saved model (fine-tuning after pre-training); its family and sizes replace "
+                        "--model, --preset and --model-overrides")
     t.add_argument("--preset", default="tiny", help="size preset: tiny (about a minute on CPU), nano (seconds), "
                    "base (single_stream, GPU)")
     t.add_argument("--task", default=None, choices=TASKS,
@@ -129,16 +132,20 @@ def cmd_train(a) -> int:
     import torch
 
     from vlat.evaluate import PRIMARY_TASK, evaluate_task, markdown_table, ood_table
-    from vlat.models import build_model, model_tokenizer, save_model
+    from vlat.models import build_model, model_tokenizer, read_metadata, save_model
     from vlat.train import TrainConfig, train
     from vlat.world import Collator, WorldDataset
 
+    if a.init:
+        from vlat.models import load_model
+
+        a.model = read_metadata(a.init)["kind"]
     task = a.task or {"single_stream": "itm", "clip": "itc", "albef": "pretrain"}.get(a.model, "itm")
     step = method_from_args(a)
     if a.method == "freeat":  # equal cost to clean training: N/m epochs of m replays
         a.epochs = step.equal_cost_epochs(a.epochs)
     torch.manual_seed(a.seed)
-    model = build_model(a.model, a.preset, **json.loads(a.model_overrides))
+    model = load_model(a.init).train() if a.init else build_model(a.model, a.preset, **json.loads(a.model_overrides))
     model.check_task(task)
     data = WorldDataset(task, "train", a.train_size, a.seed, noise_rate=a.noise_rate, image_size=model.config.image_size)
     tok = model_tokenizer(model)
