@@ -25,7 +25,7 @@ def scene_png(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="module", params=["single_stream", "clip"])
+@pytest.fixture(scope="module", params=["single_stream", "clip", "albef"])
 def model_tok(request):
     torch.manual_seed(0)
     model = build_model(request.param, "nano").eval()

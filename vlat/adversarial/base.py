@@ -264,7 +264,7 @@ def site_norms(model: VLModel, batch: dict, task: str, sites=None, norm: str = "
     model_sites = model.perturbation_sites()
     names = tuple(model_sites) if sites is None else tuple(sites)
     _, outputs = forward_capturing(model, batch, names, task)
-    return {n: float(per_example_norm(outputs[n].float() * model_sites[n].mask(batch).to(outputs[n].device), norm).mean())
+    return {n: float(per_example_norm(outputs[n].detach().float() * model_sites[n].mask(batch).to(outputs[n].device), norm).mean())
             for n in names}
 
 
