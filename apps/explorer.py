@@ -34,6 +34,7 @@ SAMPLES = ROOT / "data_samples"
 MODELS = {
     "single-stream tiny (image-text matching)": SAMPLES / "checkpoints" / "single_stream_tiny_itm.safetensors",
     "CLIP tiny (which caption fits)": SAMPLES / "checkpoints" / "clip_tiny_itc.safetensors",
+    "ALBEF tiny (image-text matching, cross-attention)": SAMPLES / "checkpoints" / "albef_tiny_pretrain.safetensors",
 }
 HUB_CHOICE = "a CLIP checkpoint (Hugging Face id or folder) ..."
 PANELS = ("perturbation", "tokens", "attention", "confidence", "attribution")

@@ -23,6 +23,7 @@ from apps.explorer import MODELS, gallery_pairs, launch  # noqa: E402
 
 SS = next(iter(MODELS))                                # the single-stream model's menu entry
 CLIP = list(MODELS)[1]
+ALBEF = list(MODELS)[2]
 CHROMIUM = "/usr/bin/chromium"
 
 
@@ -65,7 +66,7 @@ def test_pair_returns_a_gallery_image_and_its_caption(client):
     assert (Path(path).name, caption) == (Path(gallery_pairs()[2][0]).name, gallery_pairs()[2][1])
 
 
-@pytest.mark.parametrize("model", [SS, CLIP])
+@pytest.mark.parametrize("model", [SS, CLIP, ALBEF])
 def test_explore_answers_with_every_panel(client, model):
     image, caption = gallery_pairs()[2]
     status, *plots, numbers = explore(client, image, caption, model=model, modality="both")
