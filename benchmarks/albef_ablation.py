@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import load_runs, print_table, run_all, save_runs, threads_per_job  # noqa: E402
+from common import add_run_options, load_runs, print_table, run_and_report, threads_per_job  # noqa: E402
 
 from vlat.evaluate import accuracy, retrieval  # noqa: E402
 from vlat.models import build_model  # noqa: E402
@@ -76,11 +76,7 @@ def main(argv=None) -> None:
     ap.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate")
     ap.add_argument("--eval-size", type=int, default=500, help="test scenes")
     ap.add_argument("--seeds", type=int, default=3, help="seeds per setting")
-    ap.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    ap.add_argument("--jobs", type=int, default=1, help="runs at a time (processes; they can share one GPU)")
-    ap.add_argument("--fast", action="store_true", help="tiny sizes: a smoke run")
-    ap.add_argument("--json", default=None, help="write all per-seed rows here (as each run finishes)")
-    ap.add_argument("--report", nargs="+", default=None, metavar="JSON", help="only print the table of saved --json files")
+    add_run_options(ap)
     a = ap.parse_args(argv)
     if a.report:
         return table(load_runs(a.report))
@@ -92,16 +88,8 @@ def main(argv=None) -> None:
     if any(not 0 <= x <= 1 for x in noises):
         ap.error(f"noise rates must lie in [0, 1], got {noises}")
     t0 = time.perf_counter()
-    runs: list = []
-
-    def keep(row):
-        runs.append(row)
-        save_runs(a.json, settings(a), runs)
-
     jobs = [(n, d, s, a) for n in noises for d in (True, False) for s in range(a.seeds)]
-    run_all(run, jobs, a.jobs, keep)
-    print(f"{settings(a)}; total {time.perf_counter() - t0:.0f} s")
-    table(runs)
+    run_and_report(run, jobs, a, settings, table, t0)
 
 
 if __name__ == "__main__":

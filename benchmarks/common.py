@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import multiprocessing as mp
 import os
 import statistics
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -25,6 +27,29 @@ def run_all(fn: Callable, jobs: list, n_jobs: int, on_result: Callable) -> None:
     else:
         for job in jobs:
             on_result(fn(job))
+
+
+def add_run_options(ap: argparse.ArgumentParser) -> None:
+    """The options every benchmark with seeds shares: device, parallel runs, smoke size, saved rows, report."""
+    ap.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    ap.add_argument("--jobs", type=int, default=1, help="runs at a time (processes; they can share one GPU)")
+    ap.add_argument("--fast", action="store_true", help="tiny sizes: a smoke run")
+    ap.add_argument("--json", default=None, help="write all per-seed rows here (as each run finishes)")
+    ap.add_argument("--report", nargs="+", default=None, metavar="JSON", help="only print the table of saved --json files")
+
+
+def run_and_report(fn: Callable, jobs: list, a, settings: Callable, table: Callable, t0: float) -> None:
+    """Run every job (``a.jobs`` at a time), saving rows to ``a.json`` as they finish, then print the
+    settings line with the total time since ``t0`` and the table of all rows."""
+    runs: list = []
+
+    def keep(row):
+        runs.append(row)
+        save_runs(a.json, settings(a), runs)
+
+    run_all(fn, jobs, a.jobs, keep)
+    print(f"{settings(a)}; total {time.perf_counter() - t0:.0f} s")
+    table(runs)
 
 
 def save_runs(path: str | None, settings: str, runs: list[dict]) -> None:

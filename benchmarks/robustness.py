@@ -48,7 +48,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import load_runs, print_table, run_all, save_runs, threads_per_job  # noqa: E402
+from common import add_run_options, load_runs, print_table, run_all, run_and_report, threads_per_job  # noqa: E402
 
 from vlat.adversarial import FGM, PGD, SMART, YOPO, FreeAT, FreeLB  # noqa: E402
 from vlat.evaluate import accuracy, robust_accuracy  # noqa: E402
@@ -155,13 +155,9 @@ def main(argv=None) -> None:
     ap.add_argument("--attack-text-eps", type=float, default=0.02, help="PGD-10 L2 radius on the text (fraction)")
     ap.add_argument("--attack-image-eps", type=float, default=0.1, help="PGD-10 L2 radius on the image (fraction)")
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
-    ap.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    ap.add_argument("--jobs", type=int, default=1, help="runs at a time (processes; they can share one GPU)")
     ap.add_argument("--cache", default=str(Path.home() / ".cache" / "vlat" / "robustness"),
                     help="folder for the per-seed pre-trained weights")
-    ap.add_argument("--fast", action="store_true", help="tiny sizes: a smoke run")
-    ap.add_argument("--json", default=None, help="write all per-seed rows here (as each run finishes)")
-    ap.add_argument("--report", nargs="+", default=None, metavar="JSON", help="only print the table of saved --json files")
+    add_run_options(ap)
     a = ap.parse_args(argv)
     if a.report:
         return table(load_runs(a.report))
@@ -175,15 +171,7 @@ def main(argv=None) -> None:
     t0 = time.perf_counter()
     if a.jobs > 1:  # pre-train each seed once, in parallel, before the runs that start from it
         run_all(_pretrain, [(seed, a) for seed in range(a.seeds)], min(a.jobs, a.seeds), lambda _: None)
-    runs: list = []
-
-    def keep(row):
-        runs.append(row)
-        save_runs(a.json, settings(a), runs)
-
-    run_all(_run, [(m, seed, a) for m in methods for seed in range(a.seeds)], a.jobs, keep)
-    print(f"{settings(a)}; total {time.perf_counter() - t0:.0f} s")
-    table(runs)
+    run_and_report(_run, [(m, seed, a) for m in methods for seed in range(a.seeds)], a, settings, table, t0)
 
 
 def _pretrain(job):

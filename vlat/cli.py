@@ -132,13 +132,11 @@ def cmd_train(a) -> int:
     import torch
 
     from vlat.evaluate import PRIMARY_TASK, evaluate_task, markdown_table, ood_table
-    from vlat.models import build_model, model_tokenizer, read_metadata, save_model
+    from vlat.models import build_model, load_model, model_tokenizer, read_metadata, save_model
     from vlat.train import TrainConfig, train
     from vlat.world import Collator, WorldDataset
 
     if a.init:
-        from vlat.models import load_model
-
         a.model = read_metadata(a.init)["kind"]
     task = a.task or {"single_stream": "itm", "clip": "itc", "albef": "pretrain"}.get(a.model, "itm")
     step = method_from_args(a)

@@ -268,11 +268,11 @@ def site_norms(model: VLModel, batch: dict, task: str, sites=None, norm: str = "
             for n in names}
 
 
-def site_grads(outputs: dict) -> dict[str, torch.Tensor]:
-    """``∇`` at each captured site output, summed over the site's calls in the forward (zeros where the
-    graph did not reach, e.g. a frozen input)."""
-    calls = getattr(outputs, "calls", {k: [o] for k, o in outputs.items()})
-    return {k: sum((o.grad if o.grad is not None else torch.zeros_like(o)).float() for o in calls[k]) for k in outputs}
+def site_grads(outputs: SiteOutputs) -> dict[str, torch.Tensor]:
+    """``∇`` at each site :func:`forward_capturing` kept, summed over the site's calls in the forward
+    (zeros where the graph did not reach, e.g. a frozen input)."""
+    return {k: sum((o.grad if o.grad is not None else torch.zeros_like(o)).float() for o in outputs.calls[k])
+            for k in outputs}
 
 
 def forward_with(ctx_or_model, batch: dict, deltas: dict | None, task: str | None = None):

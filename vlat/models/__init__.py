@@ -57,11 +57,10 @@ def checkpoint_metadata(model: VLModel, **info) -> dict[str, str]:
 def save_model(model: VLModel, path: str | Path, inference_only: bool = False, **info) -> None:
     """Write weights + config to one safetensors file, atomically (temporary file, then rename).
 
-    ``inference_only`` leaves out what only training needs (ALBEF's momentum copies), where a model has it."""
+    ``inference_only`` leaves out what only training needs (:meth:`VLModel.inference_state`)."""
     from vlat.checkpoint import save_tensors
 
-    state = model.inference_state() if inference_only and hasattr(model, "inference_state") else model.state_dict()
-    state = dict(state)
+    state = dict(model.inference_state() if inference_only else model.state_dict())
     save_tensors(state, path, checkpoint_metadata(model, **info))
 
 

@@ -307,10 +307,10 @@ class AlbefModel(VLModel):
         img, image_states = self.image_features(pixels)
         txt, text_states = self.text_features(ids, am)
         with torch.no_grad():
-            img_m, _ = self.image_features(pixels, momentum=True)
+            img_m, image_states_m = self.image_features(pixels, momentum=True)
             txt_m, _ = self.text_features(ids, am, momentum=True)
-            image_all = torch.cat([img_m, self.image_queue.clone()])         # [B + Q, P]
-            text_all = torch.cat([txt_m, self.text_queue.clone()])
+            image_all = torch.cat([img_m, self.image_queue])                 # [B + Q, P] (a copy: the queue may move)
+            text_all = torch.cat([txt_m, self.text_queue])
         loss_itc, sim_i2t, sim_t2i = itc_loss(img, txt, image_all, text_all, temp, alpha,
                                               img_m if alpha else None, txt_m if alpha else None)
         if self.training:
@@ -338,7 +338,7 @@ class AlbefModel(VLModel):
         if alpha:
             with torch.no_grad():
                 teacher = self.mlm_head_m(self.fuse(self.encode_text(mids, am, momentum=True), am,
-                                                    self.encode_image(pixels, momentum=True), momentum=True))
+                                                    image_states_m, momentum=True))
         loss_mlm = mlm_loss(mlm_logits, batch["mlm_labels"], teacher, alpha)
         loss = loss_itc + loss_itm + loss_mlm
         extras = {"itc": loss_itc.detach(), "itm": loss_itm.detach(), "mlm": loss_mlm.detach(),
@@ -367,8 +367,3 @@ class AlbefModel(VLModel):
         att = self.cross_attention(batch)[:, :, :, 0, 1:].mean((1, 2))       # [B, N]
         n = self.config.image_size // self.config.patch_size
         return att.view(-1, n, n)
-
-    def match_scores(self, batch: dict) -> torch.Tensor:
-        """ITM log-odds of "match" for each (image, caption) row."""
-        logits = self.forward(batch, "itm").logits.float()
-        return logits[:, 1] - logits[:, 0]

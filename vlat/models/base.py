@@ -135,6 +135,17 @@ class VLModel(nn.Module):
         not per forward: an adversarial method may run many forwards per step). Models with state that
         follows the weights (ALBEF's momentum encoders and queues) update it here; others do nothing."""
 
+    def match_scores(self, batch: dict) -> torch.Tensor:
+        """ITM log-odds of "match" for each (image, caption) row: the retrieval score of models with an
+        ``itm`` head (single-stream, ALBEF's fusion encoder)."""
+        logits = self.forward(batch, "itm").logits.float()
+        return logits[:, 1] - logits[:, 0]
+
+    def inference_state(self) -> dict:
+        """What a shipped, inference-only checkpoint holds; models with training-only state (ALBEF's
+        momentum copies) leave it out."""
+        return self.state_dict()
+
     def check_task(self, task: str) -> None:
         if task not in self.tasks:
             raise ValueError(f"{type(self).__name__} has no task {task!r}; it supports {', '.join(self.tasks)}")

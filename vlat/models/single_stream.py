@@ -180,8 +180,3 @@ class SingleStreamModel(VLModel):
         roll = attention_rollout(attn)[:, 0, L:]                              # [B, N]
         n = self.config.image_size // self.config.patch_size
         return roll.view(-1, n, n)
-
-    def match_scores(self, batch: dict) -> torch.Tensor:
-        """ITM log-odds of "match" for each (image, caption) row: the retrieval score."""
-        logits = self.forward(batch, "itm").logits.float()
-        return logits[:, 1] - logits[:, 0]
