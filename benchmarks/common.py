@@ -72,10 +72,10 @@ def mean_std(values: list[float], digits: int = 3) -> str:
 
 
 def print_table(rows: dict[str, list[dict]], first: str = "method") -> None:
-    """``{row name: [per-seed dicts of metrics]}`` as a Markdown table of mean ± std (time in whole seconds)."""
+    """``{row name: [per-seed dicts of metrics]}`` as a Markdown table of mean ± std (seconds to one decimal)."""
     cols = list(next(iter(rows.values()))[0])
     print(f"| {first} | " + " | ".join(cols) + " |")
     print("|---" * (len(cols) + 1) + "|")
     for name, runs in rows.items():
-        cells = [mean_std([r[c] for r in runs], 0 if c == "time_s" else 3) for c in cols]
+        cells = [mean_std([r[c] for r in runs], 1 if c.endswith("_s") else 3) for c in cols]
         print(f"| {name} | " + " | ".join(cells) + " |", flush=True)

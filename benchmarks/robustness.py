@@ -105,10 +105,16 @@ def run(method: str, seed: int, a) -> dict:
     epochs = step.equal_cost_epochs(a.epochs) if isinstance(step, FreeAT) else a.epochs
     cfg = TrainConfig(epochs=epochs, batch_size=a.batch_size, lr=a.lr, seed=seed, device=a.device, progress=False)
     state = train(model, a.task, data, cfg, step_fn=step, collate_fn=collate)
-    row = {"time_s": state.seconds}
+    return {"time_s": state.seconds, **score(model, a, seed)}
+
+
+def score(model, a, seed: int) -> dict:
+    """Clean accuracy, robust accuracy under PGD-10 at each site (radii ``a.attack_*_eps``, calibrated on the
+    model itself) and accuracy per OOD shift, on ``a.eval_size`` test scenes of ``a.task``."""
+    tok = load_tokenizer()
     test = WorldDataset(a.task, "test", a.eval_size, 0)
-    row["clean"] = accuracy(model, test, a.task, tok)
-    probe = to_device(collate([test[i] for i in range(min(128, len(test)))]), model.device)
+    row = {"clean": accuracy(model, test, a.task, tok)}
+    probe = to_device(Collator(tok, a.task)([test[i] for i in range(min(128, len(test)))]), model.device)
     for site in SITES:
         attack = PGD(sites=(site,), eps=1.0, step_size=0.25, steps=10).calibrate(model, probe, a.task,
                                                                              fractions(a, "attack_"))

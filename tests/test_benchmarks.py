@@ -42,3 +42,21 @@ def test_albef_ablation_fast_run_has_both_arms_per_noise_rate(tmp_path, capsys):
     capsys.readouterr()
     abl.main(["--report", str(out)])
     assert "| noise 40%, MD on |" in capsys.readouterr().out
+
+
+def test_villa_fast_run_builds_each_pretraining_once_and_scores_every_arm(tmp_path, capsys):
+    vil = load("villa")
+    out = tmp_path / "rows.json"
+    arms = "baseline,VILLA-pre,FreeLB (w=0)"
+    vil.main(["--fast", "--arms", arms, "--cache", str(tmp_path / "cache"), "--json", str(out)])
+    saved = json.loads(out.read_text())
+    assert "MLM + ITM pre-training 1 epochs" in saved["settings"]
+    assert sorted(r["method"] for r in saved["runs"]) == sorted(arms.split(","))
+    for r in saved["runs"]:
+        assert 0 <= r["PGD10_text"] <= r["clean"] <= 1 and 0 <= r["PGD10_image"] <= r["clean"]
+        assert r["epoch_s"] > 0 and r["pre_epoch_s"] > 0
+    cached = sorted(p.name.split("_")[0] for p in (tmp_path / "cache").glob("*.safetensors"))
+    assert cached == ["clean", "villa"]                      # one pre-trained model per kind, shared by arms
+    capsys.readouterr()
+    vil.main(["--report", str(out)])
+    assert "| VILLA-pre |" in capsys.readouterr().out

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import make_batch
-from vlat.adversarial import FGM, FGSM, PGD, SMART, YOPO, FreeAT, FreeLB, METHODS, per_example_norm, project
+from vlat.adversarial import FGM, FGSM, PGD, SMART, VILLA, YOPO, FreeAT, FreeLB, METHODS, per_example_norm, project
 from vlat.adversarial.base import init_delta, normalize_grad
 from vlat.models import build_model, perturbed
 from vlat.objectives import kl_logits, symmetric_kl
@@ -16,11 +16,18 @@ def ctx_for(model, task, lr=1e-3):
     return StepContext.standalone(model, task, TrainConfig(lr=lr, device="cpu", grad_clip=0.0), total_steps=10)
 
 
+def at_site(method_cls, site, **kw):
+    """A method perturbing one site (VILLA names it by modality)."""
+    if method_cls is VILLA:
+        return VILLA(**({"modality": "text"} if site == "text" else {"modality": "image", "image_site": site}), **kw)
+    return method_cls(sites=(site,), **kw)
+
+
 def small(method_cls, site, **kw):
     defaults = {"eps": 0.5, "step_size": 0.2}
     if method_cls in (FGSM, FGM):
         defaults.pop("step_size")
-    return method_cls(sites=(site,), **{**defaults, **kw})
+    return at_site(method_cls, site, **{**defaults, **kw})
 
 
 # ---- base plumbing, by hand ------------------------------------------------------------------------
@@ -106,7 +113,7 @@ SITES = [("single_stream", "itm", "text"), ("single_stream", "itm", "image"), ("
 
 @pytest.mark.parametrize("name,task,site", SITES)
 @pytest.mark.parametrize("norm", ["l2", "linf"])
-@pytest.mark.parametrize("method", [FGSM, FGM, PGD, FreeAT, FreeLB, SMART, YOPO])
+@pytest.mark.parametrize("method", [FGSM, FGM, PGD, FreeAT, FreeLB, SMART, YOPO, VILLA])
 def test_attack_stays_in_ball_respects_mask_and_leaves_parameters(name, task, site, norm, method):
     """Every method's inner maximisation on a fixed model (what the explorer shows)."""
     torch.manual_seed(0)
@@ -152,7 +159,7 @@ def test_robust_accuracy_le_clean_accuracy(name, task, site):
     assert none == pytest.approx(clean)  # a vanishing ball changes nothing
 
 
-TRAIN_METHODS = [FGSM, FGM, PGD, FreeAT, FreeLB, SMART, YOPO]
+TRAIN_METHODS = [FGSM, FGM, PGD, FreeAT, FreeLB, SMART, YOPO, VILLA]
 
 
 @pytest.mark.parametrize("method", TRAIN_METHODS, ids=lambda m: m.__name__)
@@ -165,13 +172,13 @@ def test_every_method_trains_every_family(method, name, task, site):
     batch = make_batch(task)
     before = [p.detach().clone() for p in model.parameters()]
     kw = {"norm": "linf", "eps": 8 / 255} if site == "pixels" else {}
-    if method in (FreeLB,):
+    if method in (FreeLB, VILLA):
         kw.update(steps=2)
     if method is SMART:
         kw = {}
     if method is YOPO:
         kw.update(outer=2, inner=2)
-    step = method(sites=(site,), **kw)
+    step = at_site(method, site, **kw)
     loss = step(ctx_for(model, task), batch)
     assert torch.isfinite(loss)
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
@@ -253,7 +260,7 @@ def test_bad_settings_are_refused(kw, msg):
 
 
 def test_registry_lists_every_method():
-    assert set(METHODS) == {"fgsm", "fgm", "pgd", "freeat", "freelb", "smart", "yopo"}
+    assert set(METHODS) == {"fgsm", "fgm", "pgd", "freeat", "freelb", "smart", "yopo", "villa"}
 
 
 @pytest.mark.parametrize("name,task,site,last", [
@@ -386,7 +393,7 @@ def test_calibrated_eps_is_a_fraction_of_each_sites_norm(norm):
     assert pgd.scales["image"] > 10 * pgd.scales["text"]
 
 
-@pytest.mark.parametrize("method", [PGD, FreeAT, FreeLB, SMART, YOPO])
+@pytest.mark.parametrize("method", [PGD, FreeAT, FreeLB, SMART, YOPO, VILLA])
 @pytest.mark.parametrize("name,task,site", [("single_stream", "itm", "text"), ("clip", "classify", "image"),
                                             ("albef", "itm", "text")])
 def test_inner_maximisation_raises_its_objective(method, name, task, site):
@@ -394,8 +401,8 @@ def test_inner_maximisation_raises_its_objective(method, name, task, site):
     torch.manual_seed(0)
     model = build_model(name, "nano").eval()
     batch = make_batch(task)
-    kw = {"steps": 4} if method in (PGD, FreeLB, SMART) else {"replays": 4} if method is FreeAT else {"outer": 2}
-    adv = method(sites=(site,), norm="l2", eps=0.5, step_size=0.2, **kw)
+    kw = {"steps": 4} if method in (PGD, FreeLB, SMART, VILLA) else {"replays": 4} if method is FreeAT else {"outer": 2}
+    adv = at_site(method, site, norm="l2", eps=0.5, step_size=0.2, **kw)
     g = torch.Generator().manual_seed(0)
     deltas, losses = adv.attack(model, batch, task, generator=g, return_losses=True)
     with torch.no_grad():

@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-METHOD_NAMES = ("clean", "fgsm", "fgm", "pgd", "freeat", "freelb", "smart", "yopo")
+METHOD_NAMES = ("clean", "fgsm", "fgm", "pgd", "freeat", "freelb", "smart", "yopo", "villa")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "base (single_stream, GPU)")
     t.add_argument("--task", default=None, choices=TASKS,
                    help="what to train on: itm (image-text matching), itc (contrastive), qa, tf (true/false), "
-                   "mlm, pretrain (ALBEF: ITC + ITM + MLM); default: itm for single_stream, itc for clip, pretrain for albef")
+                   "mlm, pretrain (single_stream: MLM + ITM; ALBEF: ITC + ITM + MLM); default: itm for single_stream, itc for clip, pretrain for albef")
     t.add_argument("--method", default="clean", help=f"training step: {', '.join(METHOD_NAMES)}")
     t.add_argument("--sites", default=None, help="perturbation sites, comma-separated: text, image, pixels "
                    "(default: the method's own, text for most)")
@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--replays", type=int, default=None, help="FreeAT replays m per batch (epochs are divided by m)")
     t.add_argument("--init-mag", type=float, default=None, help="FreeLB initial delta magnitude")
     t.add_argument("--reg-weight", type=float, default=None, help="SMART regulariser weight lambda_s")
+    t.add_argument("--modality", default=None, choices=["text", "image", "both", "alternating"],
+                   help="VILLA: which embeddings to perturb (alternating: text and image in separate forwards)")
+    t.add_argument("--kl-weight", type=float, default=None, help="VILLA: weight w of the symmetric-KL term (0 = FreeLB)")
     t.add_argument("--epochs", type=int, default=3, help="passes over the training scenes")
     t.add_argument("--train-size", type=int, default=4000, help="number of training scenes")
     t.add_argument("--batch-size", type=int, default=64, help="examples per optimiser step")
@@ -108,7 +111,7 @@ def method_from_args(a):
     cls = METHODS[a.method]
     given = {"sites": tuple(a.sites.split(",")) if a.sites else None, "norm": a.norm, "eps": a.eps,
              "step_size": a.step_size, "steps": a.steps, "replays": a.replays, "init_mag": a.init_mag,
-             "weight": a.reg_weight}
+             "weight": a.reg_weight, "modality": a.modality, "kl_weight": a.kl_weight}
     fields = cls.__dataclass_fields__
     for k, v in given.items():
         if v is not None and k not in fields:
@@ -139,6 +142,8 @@ def cmd_train(a) -> int:
     if a.init:
         a.model = read_metadata(a.init)["kind"]
     task = a.task or {"single_stream": "itm", "clip": "itc", "albef": "pretrain"}.get(a.model, "itm")
+    if a.method == "villa" and a.sites:
+        raise ValueError("VILLA picks its sites with --modality text|image|both|alternating, not --sites")
     step = method_from_args(a)
     if a.method == "freeat":  # equal cost to clean training: N/m epochs of m replays
         a.epochs = step.equal_cost_epochs(a.epochs)

@@ -111,8 +111,8 @@ class StepContext:
         with self.autocast():
             return self.model(batch, task or self.task, **kw)
 
-    def backward(self, loss: torch.Tensor) -> None:
-        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+    def backward(self, loss: torch.Tensor, retain_graph: bool = False) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward(retain_graph=retain_graph)
 
     def unscale(self) -> None:
         """Bring parameter gradients back to true scale (fp16) before reading or clipping them."""

@@ -10,9 +10,11 @@ from vlat.adversarial.freeat import FreeAT
 from vlat.adversarial.freelb import FreeLB
 from vlat.adversarial.pgd import PGD
 from vlat.adversarial.smart import SMART
+from vlat.adversarial.villa import VILLA
 from vlat.adversarial.yopo import YOPO
 
-METHODS = {"fgsm": FGSM, "fgm": FGM, "pgd": PGD, "freeat": FreeAT, "freelb": FreeLB, "smart": SMART, "yopo": YOPO}
+METHODS = {"fgsm": FGSM, "fgm": FGM, "pgd": PGD, "freeat": FreeAT, "freelb": FreeLB, "smart": SMART, "yopo": YOPO,
+           "villa": VILLA}
 
-__all__ = ["Adversary", "FGM", "FGSM", "FreeAT", "FreeLB", "METHODS", "PGD", "SMART", "YOPO", "init_delta",
+__all__ = ["Adversary", "FGM", "FGSM", "FreeAT", "FreeLB", "METHODS", "PGD", "SMART", "VILLA", "YOPO", "init_delta",
            "normalize_grad", "per_example_norm", "project", "site_norms"]

@@ -69,7 +69,9 @@ class AlbefConfig:
     alpha: float = 0.4               # weight of the distilled soft targets after warm-up
     alpha_warmup_steps: int = 100    # linear ramp of alpha from 0 (reference: the first epoch)
     distill: bool = True             # momentum distillation on/off (the ablation)
-    temp: float = 0.07               # initial ITC temperature (learnable, clamped to [0.001, 0.5])
+    temp: float = 0.07               # initial ITC temperature (learnable, clamped to [temp_min, 0.5])
+    temp_min: float = 0.001          # the clamp's floor (reference 0.001; CLIP's cap of 100 on 1/τ is 0.01)
+    learn_temp: bool = True          # False: τ stays at ``temp``
     dropout: float = 0.0             # hidden and attention dropout
     image_mean: tuple = (0.5, 0.5, 0.5)
     image_std: tuple = (0.25, 0.25, 0.25)
@@ -134,7 +136,7 @@ class AlbefModel(VLModel):
         self.text_proj = nn.Linear(d, c.embed_dim)
         self.itm_head = nn.Linear(d, 2)
         self.mlm_head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.LayerNorm(d), nn.Linear(d, c.vocab_size))
-        self.temp = nn.Parameter(torch.tensor(float(c.temp)))
+        self.temp = nn.Parameter(torch.tensor(float(c.temp)), requires_grad=c.learn_temp)
         self.pixel_input = nn.Identity()                      # site "pixels"
         self.register_buffer("mean", torch.tensor(c.image_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(c.image_std).view(1, 3, 1, 1), persistent=False)
@@ -275,7 +277,7 @@ class AlbefModel(VLModel):
             self._pending = None
         for name, m_name in MOMENTUM_PAIRS:
             ema_(getattr(self, m_name).parameters(), getattr(self, name).parameters(), self.config.momentum)
-        self.temp.clamp_(0.001, 0.5)
+        self.temp.clamp_(self.config.temp_min, 0.5)
         self.updates += 1
         self.num_updates += 1
 
@@ -303,7 +305,7 @@ class AlbefModel(VLModel):
         if self.training:
             self._check_queue(B)
         alpha = self.current_alpha()
-        temp = self.temp.clamp(0.001, 0.5)
+        temp = self.temp.clamp(self.config.temp_min, 0.5)
         img, image_states = self.image_features(pixels)
         txt, text_states = self.text_features(ids, am)
         with torch.no_grad():

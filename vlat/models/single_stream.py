@@ -61,15 +61,16 @@ PRESETS = {
 class SingleStreamModel(VLModel):
     """UNITER-style single-stream model over the :class:`VLModel` contract.
 
-    Tasks: ``itm``, ``tf``, ``qa`` (classification on [CLS]) and ``mlm`` (``batch["mlm_labels"]``
-    holds targets, -100 elsewhere; ``input_ids`` already masked).
+    Tasks: ``itm``, ``tf``, ``qa`` (classification on [CLS]), ``mlm`` (``batch["mlm_labels"]``
+    holds targets, -100 elsewhere; ``input_ids`` already masked) and ``pretrain`` (MLM + ITM with
+    in-batch negatives, :meth:`pretrain`).
 
     >>> model = SingleStreamModel(PRESETS["nano"])       # doctest: +SKIP
     >>> out = model(batch, "itm"); out.logits.shape       # [B, 2]
     """
 
     kind = "single_stream"
-    tasks = ("itm", "tf", "qa", "mlm")
+    tasks = ("itm", "tf", "qa", "mlm", "pretrain")
 
     def __init__(self, config: SingleStreamConfig, bert: nn.Module | None = None):
         super().__init__()
@@ -162,6 +163,8 @@ class SingleStreamModel(VLModel):
 
     def forward(self, batch: dict, task: str, output_attentions: bool = False) -> TaskOutput:
         self.check_task(task)
+        if task == "pretrain":
+            return self.pretrain(batch)
         hidden, attn, L = self.encode(batch, output_attentions)
         if task == "mlm":
             logits = self.heads["mlm"](hidden[:, :L])                         # [B, L, V]
@@ -172,6 +175,23 @@ class SingleStreamModel(VLModel):
             labels = batch["labels"]
             loss = F.cross_entropy(logits.float(), labels)
         return TaskOutput(loss=loss, logits=logits, labels=labels, attentions=attn)
+
+    def pretrain(self, batch: dict) -> TaskOutput:
+        """UNITER's pre-training in miniature: MLM on the masked caption + ITM with in-batch negatives.
+
+        ITM pairs every even row with its own caption and every odd row ``i`` with the caption of row
+        ``i + 1`` (a negative, unless the two captions are the same words: then labelled a match). The
+        loss is the sum; ``logits``/``labels`` are ITM's (what VILLA's KL term compares), the two parts
+        are in ``extras``. A perturbation of the text site is added at both calls (per row)."""
+        ids, am = batch["input_ids"], batch["attention_mask"]
+        B = ids.shape[0]
+        mlm = self.forward({**batch, "input_ids": batch["mlm_input_ids"]}, "mlm")
+        rows = torch.arange(B, device=ids.device)
+        other = torch.where(rows % 2 == 1, (rows + 1) % B, rows)
+        labels = (ids[other] == ids).all(1).long()                            # 1: the same caption
+        itm = self.forward({**batch, "input_ids": ids[other], "attention_mask": am[other], "labels": labels}, "itm")
+        return TaskOutput(loss=mlm.loss + itm.loss, logits=itm.logits, labels=labels,
+                          extras={"mlm": mlm.loss.detach(), "itm": itm.loss.detach()})
 
     @torch.no_grad()
     def image_attention(self, batch: dict) -> torch.Tensor:
