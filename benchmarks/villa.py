@@ -104,7 +104,7 @@ def run(arm: str, seed: int, a) -> dict:
         torch.set_num_threads(a.threads)
     kind, make_step = ARMS[arm]
     path, pre_epoch_s = pretrained(kind, seed, a)
-    model = load_model(path).to(resolve_device(a.device))
+    model = load_model(path)                          # calibrated on the CPU; train() moves it
     epoch_s = run_training(model, a.task, make_step(), a, seed, a.epochs)
     return {"pre_epoch_s": pre_epoch_s, "epoch_s": epoch_s, **score(model, a, seed)}
 

@@ -130,7 +130,7 @@ def test_eight_concurrent_requests_are_all_answered_correctly(client, server):
     from gradio_client import Client
 
     pairs = gallery_pairs()[:8]
-    methods = ["FGSM", "FGM", "PGD", "FreeAT", "YOPO", "FreeLB", "SMART", "PGD"]
+    methods = ["FGSM", "FGM", "PGD", "FreeAT", "YOPO", "FreeLB", "SMART", "VILLA"]
     jobs = [(p, c, m, 0.05 + 0.02 * i) for i, ((p, c), m) in enumerate(zip(pairs, methods))]
     alone = [explore(client, p, c, method=m, eps=e)[-1] for p, c, m, e in jobs]
     clients = [Client(server, analytics_enabled=False, verbose=False) for _ in jobs]

@@ -31,7 +31,7 @@ def cuda_batch(task):
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 @pytest.mark.parametrize("family", list(FAMILIES))
-@pytest.mark.parametrize("method", ["fgsm", "fgm", "pgd", "freeat", "freelb", "smart", "yopo"])
+@pytest.mark.parametrize("method", ["fgsm", "fgm", "pgd", "freeat", "freelb", "smart", "yopo", "villa"])
 def test_every_method_trains_a_step_under_autocast(method, family, amp):
     from vlat.adversarial import METHODS, per_example_norm
     from vlat.train import StepContext, TrainConfig
@@ -39,7 +39,10 @@ def test_every_method_trains_a_step_under_autocast(method, family, amp):
     model, task = cuda_model(family), FAMILIES[family]
     batch = cuda_batch(task)
     sites = ("text",) if method == "yopo" else ("text", "image")
-    step = METHODS[method](sites=sites, **({"eps": 1.0} if method == "freelb" else {}))  # FreeLB's default ball is unbounded
+    if method == "villa":  # VILLA names its sites by modality; like FreeLB its default ball is unbounded
+        step = METHODS[method](modality="both", eps=1.0, step_size=0.1)
+    else:
+        step = METHODS[method](sites=sites, **({"eps": 1.0} if method == "freelb" else {}))
     ctx = StepContext.standalone(model, task, TrainConfig(device="cuda", amp=amp, progress=False))
     before = [p.detach().clone() for p in model.parameters()]
     # fp16: the loss scaler starts at 2^16 and skips the steps whose scaled gradients overflow, halving the

@@ -58,27 +58,51 @@ def accuracy(model: VLModel, dataset, task: str, tokenizer=None, batch_size: int
     return correct / max(1, total)
 
 
+def attacked_outputs(model: VLModel, dataset, task: str, attack, tokenizer=None, batch_size: int = 128, seed: int = 0):
+    """Yield ``(clean, adversarial)`` task outputs batch by batch, the attack run on the model in eval mode."""
+    from vlat.models import perturbed
+
+    g = torch.Generator().manual_seed(seed)
+    with evaluating(model):
+        for batch in task_batches(model, dataset, task, tokenizer, batch_size):
+            with torch.no_grad():
+                out = model(batch, task)
+            deltas = attack.attack(model, batch, task, generator=g)
+            with torch.no_grad(), perturbed(model, deltas, batch):
+                adv = model(batch, task)
+            yield out, adv
+
+
 def robust_accuracy(model: VLModel, dataset, task: str, attack, tokenizer=None, batch_size: int = 128,
                     seed: int = 0) -> float:
     """Accuracy under an attack (``attack.attack(model, batch, task, generator) -> {site: δ}``, e.g.
     PGD-K with random start): an item counts if it is classified correctly **both** clean and at
     ``x + δ`` (δ = 0 lies in every ball, so the worst case is at least as bad as the clean point; this
     makes robust <= clean hold by construction, as in AutoAttack's reporting)."""
-    from vlat.models import perturbed
-
-    g = torch.Generator().manual_seed(seed)
     correct = total = 0
-    with evaluating(model):
-        for batch in task_batches(model, dataset, task, tokenizer, batch_size):
-            with torch.no_grad():
-                out = model(batch, task)
-            ok = out.logits.argmax(-1) == out.labels
-            deltas = attack.attack(model, batch, task, generator=g)
-            with torch.no_grad(), perturbed(model, deltas, batch):
-                adv = model(batch, task)
-            correct += int((ok & (adv.logits.argmax(-1) == adv.labels)).sum())
-            total += len(ok)
+    for out, adv in attacked_outputs(model, dataset, task, attack, tokenizer, batch_size, seed):
+        ok = out.logits.argmax(-1) == out.labels
+        correct += int((ok & (adv.logits.argmax(-1) == adv.labels)).sum())
+        total += len(ok)
     return correct / max(1, total)
+
+
+def prediction_shift(model: VLModel, dataset, task: str, attack, tokenizer=None, batch_size: int = 128,
+                     seed: int = 0) -> dict[str, torch.Tensor]:
+    """How far an attack moves each prediction, per example ``[N]``: ``kl`` = KL(p‖p_adv) + KL(p_adv‖p)
+    (VILLA's fine-grained term), ``conf`` / ``conf_adv`` = the probability of the true label clean / attacked,
+    ``robust`` = correct both clean and attacked (its mean is :func:`robust_accuracy`)."""
+    from vlat.objectives import kl_logits
+
+    cols: dict[str, list] = {"kl": [], "conf": [], "conf_adv": [], "robust": []}
+    for out, adv in attacked_outputs(model, dataset, task, attack, tokenizer, batch_size, seed):
+        a, b = out.logits.float(), adv.logits.float()
+        cols["kl"].append(torch.stack([kl_logits(a[i:i + 1], b[i:i + 1]) + kl_logits(b[i:i + 1], a[i:i + 1])
+                                       for i in range(len(a))]))
+        cols["conf"].append(a.softmax(-1).gather(-1, out.labels[:, None])[:, 0])
+        cols["conf_adv"].append(b.softmax(-1).gather(-1, adv.labels[:, None])[:, 0])
+        cols["robust"].append(((a.argmax(-1) == out.labels) & (b.argmax(-1) == adv.labels)).float())
+    return {k: torch.cat(v).cpu() for k, v in cols.items()}
 
 
 def compare_training(steps: dict, build, task: str, train_data, test_data, attacks: dict, config=None,

@@ -72,3 +72,32 @@ def target_bars(targets: dict[str, torch.Tensor], labels: list[str], title: str 
         fig.add_bar(name=name, x=labels, y=t.detach().float().cpu().tolist())
     fig.update_layout(barmode="group", title=title, yaxis=dict(title="probability"), height=330)
     return fig
+
+
+def histograms(values: dict[str, torch.Tensor], title: str = "distribution", xaxis: str = "value", bins: int = 30):
+    """Overlaid histograms, one per named 1-D tensor (e.g. the KL shift of two models under one attack)."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for name, v in values.items():
+        fig.add_histogram(x=v.detach().float().cpu().tolist(), name=name, opacity=0.6, nbinsx=bins)
+    fig.update_layout(barmode="overlay", title=title, xaxis_title=xaxis, yaxis_title="examples", height=330)
+    return fig
+
+
+def ablation_bars(runs: list[dict], columns: list[str], title: str = "ablation", group: str = "method"):
+    """Benchmark rows (one dict per run and seed, as the ``--json`` files hold them) as grouped bars of the
+    mean over seeds with ± one standard deviation: one group per column, one bar per ``group`` value."""
+    import statistics
+
+    import plotly.graph_objects as go
+
+    names = list(dict.fromkeys(r[group] for r in runs))
+    fig = go.Figure()
+    for name in names:
+        rows = [r for r in runs if r[group] == name]
+        means = [statistics.mean(r[c] for r in rows) for c in columns]
+        sds = [statistics.stdev([r[c] for r in rows]) if len(rows) > 1 else 0.0 for c in columns]
+        fig.add_bar(name=f"{name} (n={len(rows)})", x=columns, y=means, error_y=dict(type="data", array=sds))
+    fig.update_layout(barmode="group", title=title, yaxis=dict(range=[0, 1], title="accuracy"), height=400)
+    return fig

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vlat.adversarial import FGM, FGSM, PGD, SMART, YOPO, FreeAT, FreeLB
+from vlat.adversarial import FGM, FGSM, PGD, SMART, VILLA, YOPO, FreeAT, FreeLB
 from vlat.adversarial.base import forward_capturing
 from vlat.models.base import VLModel, perturbed
 from vlat.objectives import kl_logits
@@ -38,7 +38,7 @@ from vlat.world.datasets import encode_text
 from vlat.world.scenes import ALL_PAIRS
 from vlat.world.folder import image_to_tensor
 
-EXPLORER_METHODS = ("FGSM", "FGM", "PGD", "FreeAT", "YOPO", "FreeLB", "SMART")
+EXPLORER_METHODS = ("FGSM", "FGM", "PGD", "FreeAT", "YOPO", "FreeLB", "SMART", "VILLA")
 MODALITIES = {"image": ("image",), "text": ("text",), "both": ("text", "image"), "pixels": ("pixels",)}
 MAX_SIDE = 4096          # longer uploads are refused (they would only be shrunk to 64 px anyway)
 MAX_EPS = 1.0            # relative radius: at most the site's own norm
@@ -126,7 +126,7 @@ def probe(model: VLModel, tokenizer, image, caption: str, candidates: list[str] 
 def build_method(name: str, modality: str = "image", eps: float = 0.1, steps: int = 10,
                  step_size: float | None = None):
     """A method from the explorer's controls. ``eps`` is relative (a fraction of each site's norm);
-    ``steps`` is K (PGD, FreeLB, SMART), m (FreeAT replays) or the outer passes of YOPO (3 layer-one
+    ``steps`` is K (PGD, FreeLB, SMART, VILLA), m (FreeAT replays) or the outer passes of YOPO (3 layer-one
     steps each); ``step_size`` defaults to ``2.5 eps / steps`` (Madry et al.'s rule)."""
     if name not in EXPLORER_METHODS:
         raise ValueError(f"unknown method {name!r}; choose one of {', '.join(EXPLORER_METHODS)}")
@@ -152,6 +152,9 @@ def build_method(name: str, modality: str = "image", eps: float = 0.1, steps: in
         "YOPO": lambda: YOPO(sites=sites, norm="l2", eps=eps, step_size=eta, outer=steps, inner=3),
         "FreeLB": lambda: FreeLB(sites=sites, eps=eps, step_size=eta, steps=steps, init_mag=eps / 2),
         "SMART": lambda: SMART(sites=sites, norm="linf", eps=eps, step_size=eta, steps=steps, sigma=eps / 10),
+        # VILLA: FreeLB's ascent from δ = 0 on the task loss + 1.5 x the symmetric KL to the clean prediction
+        "VILLA": lambda: VILLA(modality="both" if len(sites) > 1 else "text" if sites == ("text",) else "image",
+                               image_site=sites[-1], eps=eps, step_size=eta, steps=steps),
     }[name]()
 
 
