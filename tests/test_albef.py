@@ -46,6 +46,58 @@ def test_a_queue_of_known_vectors_gives_known_logits():
     assert torch.allclose(q, s_i2t.softmax(-1))
 
 
+def test_same_caption_positives_spread_the_target_by_hand():
+    """Row 0's caption also sits at queue slots 1 and 2 of the text side: the hard target is 1/3 on
+    each of its three copies, so the loss is the mean of -log softmax over them."""
+    e1, e2 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    img, txt = e1[None], e1[None]
+    text_all = torch.stack([e1, e1, e1, e2])              # positive, two copies of it, one other caption
+    image_all = torch.stack([e1, e1, e1, e2])
+    pos = torch.tensor([[True, True, True, False]])
+    temp = 0.5
+    loss, s_i2t, _ = itc_loss(img, txt, image_all, text_all, temp, positives=pos)
+    logp = torch.log_softmax(torch.tensor([2.0, 2.0, 2.0, 0.0]), -1)
+    want = -(logp[:3].mean())                             # both directions alike here
+    assert loss.item() == pytest.approx(want.item(), rel=1e-6)
+    # positives = the diagonal only is the one-hot loss
+    B = 3
+    torch.manual_seed(0)
+    a, b = F.normalize(torch.randn(B, 4), dim=1), F.normalize(torch.randn(B, 4), dim=1)
+    qa, qb = F.normalize(torch.randn(B + 5, 4), dim=1), F.normalize(torch.randn(B + 5, 4), dim=1)
+    eye = torch.zeros(B, B + 5, dtype=torch.bool)
+    eye[:, :B] = torch.eye(B, dtype=torch.bool)
+    assert itc_loss(a, b, qa, qb, 0.1, positives=eye)[0].item() == pytest.approx(itc_loss(a, b, qa, qb, 0.1)[0].item())
+
+
+def test_hard_negatives_skip_excluded_pairs_and_fall_back_when_none_is_left():
+    sim = torch.zeros(4, 4)
+    exclude = torch.zeros(4, 4, dtype=torch.bool)
+    exclude[0, 1] = exclude[1, 0] = True                  # rows 0 and 1 share a caption
+    exclude[2, :] = True                                  # row 2: everything excluded -> any j != 2
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack([hard_negatives(sim, g, exclude) for _ in range(400)])
+    assert not (draws[:, 0] == 1).any() and not (draws[:, 1] == 0).any()
+    assert not (draws[:, 0] == 0).any() and not (draws[:, 2] == 2).any()
+    assert set(draws[:, 2].tolist()) == {0, 1, 3}
+
+
+def test_identical_captions_share_an_id_and_enter_the_id_queue():
+    from vlat.train import StepContext, TrainConfig, clean_step
+
+    model = nano().train()
+    batch = make_batch("pretrain", n=8)
+    ids = batch["input_ids"].clone()
+    ids[3] = ids[1]                                       # two identical captions
+    batch = {**batch, "input_ids": ids}
+    cid = model.caption_ids(ids)
+    assert cid[3] == cid[1]
+    assert len(set(cid.tolist())) == len({tuple(r.tolist()) for r in ids})   # distinct words, distinct ids
+    ctx = StepContext.standalone(model, "pretrain", TrainConfig(device="cpu", progress=False))
+    out = clean_step(ctx, batch)
+    assert torch.isfinite(out)
+    assert torch.equal(model.idx_queue[:8], cid) and (model.idx_queue[8:] == -1).all()
+
+
 def test_masking_statistics_over_100k_tokens():
     g = torch.Generator().manual_seed(0)
     V, pad, cls, mask = 100, 0, 2, 4

@@ -47,7 +47,8 @@ def distilled_targets(onehot: torch.Tensor, teacher_logits: torch.Tensor | None,
 
 def itc_loss(image: torch.Tensor, text: torch.Tensor, image_all: torch.Tensor, text_all: torch.Tensor,
              temp: torch.Tensor | float, alpha: float | torch.Tensor = 0.0, image_m: torch.Tensor | None = None,
-             text_m: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             text_m: torch.Tensor | None = None, positives: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ALBEF's image-text contrastive loss against the batch **and a queue**.
 
     Args:
@@ -57,6 +58,9 @@ def itc_loss(image: torch.Tensor, text: torch.Tensor, image_all: torch.Tensor, t
         temp: the temperature (ALBEF: learnable, clamped to [0.001, 0.5]).
         alpha: weight of the momentum teacher's soft targets; ``image_m``/``text_m`` (``[B, P]``, the
             momentum features of the batch) are needed when ``alpha > 0``.
+        positives: optional ``[B, B + Q]`` bool, every column that is a positive of row ``i`` (it must
+            include column ``i``). The hard targets then spread evenly over them, as ALBEF's retrieval
+            fine-tuning does with its ``idx`` queue; ``None``: column ``i`` only (pre-training).
 
     Returns ``(loss, sim_i2t, sim_t2i)``; the similarities ``[B, B + Q]`` (already divided by ``temp``)
     feed hard-negative sampling. ``loss = (CE(sim_i2t, q_i2t) + CE(sim_t2i, q_t2i)) / 2``.
@@ -64,8 +68,11 @@ def itc_loss(image: torch.Tensor, text: torch.Tensor, image_all: torch.Tensor, t
     B = image.shape[0]
     sim_i2t = image.float() @ text_all.float().t() / temp                 # [B, B + Q]
     sim_t2i = text.float() @ image_all.float().t() / temp                 # [B, B + Q]
-    onehot = torch.zeros_like(sim_i2t)
-    onehot[:, :B] = torch.eye(B, device=sim_i2t.device)
+    if positives is None:
+        onehot = torch.zeros_like(sim_i2t)
+        onehot[:, :B] = torch.eye(B, device=sim_i2t.device)
+    else:
+        onehot = positives.float() / positives.float().sum(1, keepdim=True)
     with torch.no_grad():
         teach_i2t = image_m.float() @ text_all.float().t() / temp if image_m is not None else None
         teach_t2i = text_m.float() @ image_all.float().t() / temp if text_m is not None else None
@@ -75,16 +82,23 @@ def itc_loss(image: torch.Tensor, text: torch.Tensor, image_all: torch.Tensor, t
     return loss, sim_i2t, sim_t2i
 
 
-def hard_negatives(sim: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def hard_negatives(sim: torch.Tensor, generator: torch.Generator | None = None,
+                   exclude: torch.Tensor | None = None) -> torch.Tensor:
     """For each row ``i`` of an in-batch similarity ``[B, B]``, draw one column ``j != i`` with
     probability ``softmax(sim_i)_j`` renormalised over ``j != i`` (ALBEF's hard negatives; the positive
-    is excluded exactly, not by a small weight). Returns indices ``[B]``. Needs ``B >= 2``."""
+    is excluded exactly, not by a small weight). ``exclude`` ``[B, B]`` bool removes more columns (pairs
+    that are positives too, e.g. the same caption); a row with nothing left falls back to ``j != i``.
+    Returns indices ``[B]``. Needs ``B >= 2``."""
     B = sim.shape[0]
     if B < 2:
         raise ValueError("hard negatives need at least 2 pairs in a batch")
     with torch.no_grad():
         eye = torch.eye(B, dtype=torch.bool, device=sim.device)
-        weights = F.softmax(sim.float().masked_fill(eye, float("-inf")), dim=1)
+        mask = eye
+        if exclude is not None:
+            mask = eye | exclude
+            mask = torch.where(mask.all(1, keepdim=True), eye, mask)
+        weights = F.softmax(sim.float().masked_fill(mask, float("-inf")), dim=1)
         return torch.multinomial(weights, 1, generator=generator).squeeze(1)
 
 
