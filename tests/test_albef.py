@@ -81,6 +81,16 @@ def test_hard_negatives_skip_excluded_pairs_and_fall_back_when_none_is_left():
     assert set(draws[:, 2].tolist()) == {0, 1, 3}
 
 
+def test_hard_negatives_survive_non_finite_similarities():
+    """Found on the GPU: under fp16 an overflowed attack gradient gives NaN similarities, and CUDA's
+    multinomial asserts (killing the process's CUDA context). The draw must stay a valid index."""
+    sim = torch.tensor([[float("nan"), 1.0, float("inf")], [0.0, float("-inf"), float("nan")], [1.0, 2.0, 3.0]])
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        neg = hard_negatives(sim, g)
+        assert ((neg >= 0) & (neg < 3)).all() and (neg != torch.arange(3)).all()
+
+
 def test_identical_captions_share_an_id_and_enter_the_id_queue():
     from vlat.train import StepContext, TrainConfig, clean_step
 

@@ -98,7 +98,10 @@ def hard_negatives(sim: torch.Tensor, generator: torch.Generator | None = None,
         if exclude is not None:
             mask = eye | exclude
             mask = torch.where(mask.all(1, keepdim=True), eye, mask)
-        weights = F.softmax(sim.float().masked_fill(mask, float("-inf")), dim=1)
+        # a non-finite similarity (fp16 overflow under an attack: the loss is then non-finite and the update
+        # skipped) must still give valid draws; CUDA's multinomial asserts on NaN and kills the context
+        finite = torch.nan_to_num(sim.float(), nan=0.0, posinf=1e4, neginf=-1e4)
+        weights = F.softmax(finite.masked_fill(mask, float("-inf")), dim=1)
         return torch.multinomial(weights, 1, generator=generator).squeeze(1)
 
 
