@@ -120,6 +120,34 @@ def mlm_loss(logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.T
     return (1 - alpha) * hard + alpha * soft
 
 
+def mpm_nce(image: torch.Tensor, text: torch.Tensor, groups: torch.Tensor, temp: float = 0.01, eps: float = 0.02,
+            margin: float = 0.05) -> torch.Tensor:
+    """R-Adapter's multi-positive margin NCE (METHODS.md §10) over a batch of ``B`` image-text pairs.
+
+    Args:
+        image, text: L2-normalised features ``[B, P]`` (row ``i`` of each belongs to pair ``i``).
+        groups: ``[B]`` ints; pairs with the same value are positives of each other (same class or
+            same caption group), each row its own positive.
+        temp: the fixed temperature τ (reference 0.01).
+        eps: label smoothing: the positives share ``1 - ε``, the negatives ``ε`` (reference 0.02).
+        margin: δ added to the negatives' cosine (reference 0.05), so positives must win by a margin.
+
+    ``q_ij = (1 - ε)/|P(i)|`` for ``j ∈ P(i)``, ``ε/(B - |P(i)|)`` otherwise; logits
+    ``(cos_ij + δ·[j ∉ P(i)]) / τ``; the loss is the mean of the image→text and text→image soft
+    cross-entropies. With one positive per row, ``ε = 0`` and ``δ = 0`` it is symmetric InfoNCE.
+    A row whose group covers the whole batch has no negatives; its ``ε`` mass then stays on the positives.
+    """
+    pos = groups[:, None] == groups[None, :]                                  # [B, B], diagonal set
+    n_pos = pos.sum(1, keepdim=True).float()
+    n_neg = (~pos).sum(1, keepdim=True).float()
+    smooth = torch.where(n_neg > 0, torch.full_like(n_pos, eps), torch.zeros_like(n_pos))
+    q = torch.where(pos, (1 - smooth) / n_pos, smooth / n_neg.clamp_min(1))
+    cos = image.float() @ text.float().t()
+    logits = (cos + margin * (~pos).float()) / temp
+    logits_t = (cos.t() + margin * (~pos).float()) / temp                    # pos is symmetric
+    return 0.5 * (soft_cross_entropy(logits, q) + soft_cross_entropy(logits_t, q))
+
+
 @torch.no_grad()
 def ema_(target: Iterable[torch.Tensor], source: Iterable[torch.Tensor], momentum: float) -> None:
     """``θ̃ ← m · θ̃ + (1 - m) · θ`` in place, for matching parameter lists (ALBEF's momentum encoders)."""
@@ -129,4 +157,4 @@ def ema_(target: Iterable[torch.Tensor], source: Iterable[torch.Tensor], momentu
 
 
 __all__ = ["distilled_targets", "ema_", "hard_negatives", "itc_loss", "kl_logits", "mask_tokens", "mlm_loss",
-           "soft_cross_entropy", "symmetric_kl"]
+           "mpm_nce", "soft_cross_entropy", "symmetric_kl"]

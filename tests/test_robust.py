@@ -1,0 +1,222 @@
+"""R-Adapter, WiSE-FT and MPM-NCE: the invariants of the issue, on the tiny CLIP and on hand-worked cases."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import make_batch
+from vlat.models import build_model
+from vlat.objectives import mpm_nce
+from vlat.robust import RAdapter, adapters_of, add_adapters, merge_adapters, set_alpha, unmerge_adapters, wise_ft
+
+
+def tiny_clip():
+    torch.manual_seed(0)
+    return build_model("clip", "nano")
+
+
+def randomise(adapters, seed=1):
+    """Give zero-initialised adapters some weight, as training would."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for ad in adapters:
+            if ad.rank is None:
+                ad.weight.copy_(torch.randn(ad.weight.shape, generator=g) * 0.3)
+            else:
+                ad.up.copy_(torch.randn(ad.up.shape, generator=g) * 0.3)
+
+
+def test_adapters_sit_after_attention_output_and_ffn_in_both_towers_and_only_they_train():
+    model = tiny_clip()
+    clip = model.clip
+    adapters = add_adapters(model)
+    layers = len(clip.vision_model.encoder.layers) + len(clip.text_model.encoder.layers)
+    assert len(adapters) == 2 * layers
+    for tower in (clip.vision_model, clip.text_model):
+        for layer in tower.encoder.layers:
+            assert isinstance(layer.self_attn.out_proj, RAdapter) and isinstance(layer.mlp.fc2, RAdapter)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.endswith((".weight", ".scale")) and ("out_proj" in n or "fc2" in n) for n in trainable)
+    assert not any(n.endswith("linear.weight") or n.endswith("linear.bias") for n in trainable)
+    assert all(ad.scale.item() == pytest.approx(0.1) for ad in adapters)
+    with pytest.raises(ValueError, match="already"):
+        add_adapters(model)
+
+
+@pytest.mark.parametrize("rank", [None, 4])
+def test_zero_initialised_adapters_reproduce_the_zero_shot_model(rank):
+    model = tiny_clip().eval()
+    batch = make_batch("itc", n=4)
+    with torch.no_grad():
+        before = model(batch, "itc").logits
+        add_adapters(model, rank=rank)
+        after = model(batch, "itc").logits
+    assert torch.equal(before, after)
+
+
+@pytest.mark.parametrize("rank", [None, 4])
+def test_merged_equals_unmerged_and_unmerge_restores_exactly(rank):
+    model = tiny_clip().eval()
+    batch = make_batch("itc", n=4)
+    adapters = add_adapters(model, rank=rank)
+    randomise(adapters)
+    originals = [ad.linear.weight.detach().clone() for ad in adapters]
+    with torch.no_grad():
+        unmerged = model(batch, "itc").logits
+        merge_adapters(model)
+        merged = model(batch, "itc").logits
+        assert all(not torch.equal(o, ad.linear.weight) for o, ad in zip(originals, adapters))
+        unmerge_adapters(model)
+        again = model(batch, "itc").logits
+    assert torch.allclose(merged, unmerged, atol=1e-5, rtol=1e-5)
+    assert all(torch.equal(o, ad.linear.weight) for o, ad in zip(originals, adapters))
+    assert torch.equal(again, unmerged)
+
+
+def test_merge_on_a_single_layer_by_hand():
+    lin = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+        lin.bias.copy_(torch.tensor([1.0, -1.0]))
+    ad = RAdapter(lin, drop=0.0, scale=0.5)
+    with torch.no_grad():
+        ad.weight.copy_(torch.tensor([[0.0, 1.0], [2.0, 0.0]]))
+    x = torch.tensor([[1.0, 1.0]])
+    # y = W x + b = [4, 6]; z = y + 0.5 * W_adp y = [4 + 0.5*6, 6 + 0.5*8] = [7, 10]
+    assert torch.allclose(ad(x), torch.tensor([[7.0, 10.0]]))
+    ad.merge()
+    # (I + 0.5 W_adp) = [[1, .5], [1, 1]]; W_rep = [[2.5, 4], [4, 6]]; b_rep = [0.5, 0]
+    assert torch.allclose(lin.weight, torch.tensor([[2.5, 4.0], [4.0, 6.0]]))
+    assert torch.allclose(lin.bias, torch.tensor([0.5, 0.0]))
+    assert torch.allclose(ad(x), torch.tensor([[7.0, 10.0]]))
+
+
+def test_alpha_zero_is_the_zero_shot_model_and_alpha_is_wise_ft_in_weight_space():
+    model = tiny_clip().eval()
+    batch = make_batch("itc", n=4)
+    with torch.no_grad():
+        zero_shot = model(batch, "itc").logits
+    adapters = add_adapters(model)
+    randomise(adapters)
+    set_alpha(model, 0.0)
+    with torch.no_grad():
+        assert torch.allclose(model(batch, "itc").logits, zero_shot, atol=1e-6)
+        set_alpha(model, 1.0)
+        full = model(batch, "itc").logits
+        assert not torch.allclose(full, zero_shot, atol=1e-3)
+    # α = 0.5 on one merged layer is exactly the midpoint of the zero-shot and fine-tuned merged weights
+    ad = adapters[0]
+    w0 = ad.linear.weight.detach().clone()
+    ad.alpha = 1.0
+    ad.merge()
+    w1 = ad.linear.weight.detach().clone()
+    ad.unmerge()
+    ad.alpha = 0.5
+    ad.merge()
+    assert torch.allclose(ad.linear.weight, 0.5 * w0 + 0.5 * w1, atol=1e-6)
+
+
+def test_dropping_is_per_sample_in_training_and_off_in_eval():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(3, 3)
+    ad = RAdapter(lin, drop=0.5)
+    with torch.no_grad():
+        ad.weight.copy_(torch.eye(3))
+    x = torch.randn(400, 5, 3)
+    y = lin(x)
+    ad.train()
+    out = ad(x)
+    kept = torch.isclose(out, y + 0.1 * y, atol=1e-6).all(-1).all(-1)        # [400] adapter on, every token
+    dropped = torch.isclose(out, y, atol=1e-6).all(-1).all(-1)               # adapter off, every token
+    assert bool((kept ^ dropped).all())                                      # one gate per sample
+    assert 0.4 < kept.float().mean().item() < 0.6
+    ad.eval()
+    assert torch.allclose(ad(x), 1.1 * y, atol=1e-6)
+
+
+def test_ema_update_is_exact_and_used_on_request():
+    lin = torch.nn.Linear(2, 2)
+    ad = RAdapter(lin, drop=0.0, ema=0.9)
+    with torch.no_grad():
+        ad.weight.fill_(1.0)
+    ad.update_ema()
+    assert torch.allclose(ad.ema_weight, torch.full((2, 2), 0.1))
+    with torch.no_grad():
+        ad.weight.fill_(3.0)
+    ad.update_ema()
+    assert torch.allclose(ad.ema_weight, torch.full((2, 2), 0.9 * 0.1 + 0.1 * 3.0))
+    ad.use_ema = True
+    assert torch.allclose(ad.effective(), ad.scale * ad.ema_weight)
+
+
+def test_mpm_nce_equals_infonce_with_one_positive_no_smoothing_no_margin():
+    torch.manual_seed(0)
+    img, txt = F.normalize(torch.randn(5, 8), dim=1), F.normalize(torch.randn(5, 8), dim=1)
+    temp = 0.07
+    logits = img @ txt.t() / temp
+    labels = torch.arange(5)
+    infonce = 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
+    got = mpm_nce(img, txt, torch.arange(5), temp=temp, eps=0.0, margin=0.0)
+    assert got.item() == pytest.approx(infonce.item(), rel=1e-6)
+
+
+def test_mpm_nce_on_a_hand_worked_3x3_case():
+    """Pairs 0 and 1 share a caption group; 2 is alone. cos = identity-like, τ = 0.5, ε = 0.1, δ = 0.2."""
+    img = torch.eye(3)
+    txt = torch.eye(3)
+    groups = torch.tensor([7, 7, 3])
+    tau, eps, delta = 0.5, 0.1, 0.2
+    # row 0: positives {0, 1} with q = 0.45 each, negative {2} with q = 0.1;
+    # logits: cos 1, 0, 0 -> (1)/τ = 2, (0)/τ = 0, (0 + 0.2)/τ = 0.4
+    def ce(logits, q):
+        logp = [l - math.log(sum(math.exp(m) for m in logits)) for l in logits]
+        return -sum(qi * lp for qi, lp in zip(q, logp))
+    row0 = ce([2.0, 0.0, 0.4], [0.45, 0.45, 0.1])
+    row1 = ce([0.0, 2.0, 0.4], [0.45, 0.45, 0.1])
+    # row 2: positive {2} q = 0.9, negatives {0, 1} q = 0.05 each; logits 0.4, 0.4, 2
+    row2 = ce([0.4, 0.4, 2.0], [0.05, 0.05, 0.9])
+    want = (row0 + row1 + row2) / 3                        # cos is symmetric: both directions agree
+    got = mpm_nce(img, txt, groups, temp=tau, eps=eps, margin=delta)
+    assert got.item() == pytest.approx(want, rel=1e-6)
+
+
+def test_wise_ft_interpolates_two_models():
+    a, b = tiny_clip(), tiny_clip()
+    with torch.no_grad():
+        for p in b.parameters():
+            p.add_(1.0)
+    mid = wise_ft(a, b, 0.25)
+    k = next(k for k, v in a.state_dict().items() if v.is_floating_point())
+    assert torch.allclose(mid[k], a.state_dict()[k] + 0.25)
+    c = tiny_clip()
+    c.load_state_dict(wise_ft(a, b, 0.0))
+    assert all(torch.equal(x, y) for x, y in zip(c.state_dict().values(), a.state_dict().values()))
+
+
+@pytest.mark.parametrize("kw,msg", [({"drop": 1.0}, "drop"), ({"rank": 0}, "rank"), ({"ema": 1.0}, "ema")])
+def test_bad_adapter_settings_are_refused(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        RAdapter(torch.nn.Linear(4, 4), **kw)
+
+
+def test_adapters_of_counts_and_training_moves_only_adapters():
+    model = tiny_clip().train()
+    add_adapters(model, rank=2)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    out = model(make_batch("itc", n=4), "itc")
+    out.loss.backward()
+    opt.step()
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+    assert any(ad.up.abs().sum() > 0 for ad in adapters_of(model))
+
+
+def test_a_bare_transformers_clip_model_takes_adapters_too():
+    from transformers import CLIPModel
+
+    hf = tiny_clip().clip
+    assert isinstance(hf, CLIPModel)
+    adapters = add_adapters(hf, rank=2)
+    assert len(adapters) == 2 * (len(hf.vision_model.encoder.layers) + len(hf.text_model.encoder.layers))
