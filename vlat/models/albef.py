@@ -42,7 +42,7 @@ negative. This is ALBEF's own ``idx`` queue from its retrieval fine-tuning code 
 captions per image), used here in pre-training too. Measured (README, ALBEF retrieval table, 3 seeds):
 it raised zero-shot IR@1 from 0.083 to 0.133 and made TR@1 stable across seeds (0.035 ± 0.005 against
 0.092 ± 0.086). A one-batch queue (``queue_size=64``) did better still in this world (TR@1 0.081, IR@1
-0.188): the shipped checkpoint uses it; the default keeps the reference's design of a long queue.
+0.188); the default keeps the reference's design of a long queue.
 
 Deviation from the reference, on purpose: the ViT starts from random weights (the reference uses
 DeiT-B/16 from ImageNet; offline there is none). :meth:`AlbefModel.from_bert` starts the text and
