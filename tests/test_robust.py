@@ -220,3 +220,47 @@ def test_a_bare_transformers_clip_model_takes_adapters_too():
     assert isinstance(hf, CLIPModel)
     adapters = add_adapters(hf, rank=2)
     assert len(adapters) == 2 * (len(hf.vision_model.encoder.layers) + len(hf.text_model.encoder.layers))
+
+
+def test_clip_with_mpm_nce_reduces_to_infonce_and_groups_identical_captions():
+    model = tiny_clip().eval()
+    batch = make_batch("itc", n=6)
+    assert len({tuple(r.tolist()) for r in batch["input_ids"]}) == 6      # six different captions
+    with torch.no_grad():
+        infonce = model(batch, "itc")
+        scale = float(model.clip.logit_scale.exp().clamp(max=100.0))
+        model.config.loss, model.config.mpm_temp, model.config.mpm_eps, model.config.mpm_margin = "mpm_nce", 1 / scale, 0.0, 0.0
+        mpm = model(batch, "itc")
+        assert mpm.loss.item() == pytest.approx(infonce.loss.item(), rel=1e-5)
+        # two identical captions are positives of each other: the model passes caption groups [0, 0, 2, ...]
+        ids = batch["input_ids"].clone()
+        ids[1] = ids[0]
+        am = batch["attention_mask"].clone()
+        am[1] = am[0]
+        dup = {**batch, "input_ids": ids, "attention_mask": am}
+        model.config.mpm_margin = 0.2
+        got = model(dup, "itc").loss
+        img, _ = model.image_features(dup["pixel_values"])
+        txt, _ = model.text_features(ids, am)
+        c = model.config
+        grouped = mpm_nce(img, txt, torch.tensor([0, 0, 2, 3, 4, 5]), c.mpm_temp, c.mpm_eps, c.mpm_margin)
+        apart = mpm_nce(img, txt, torch.arange(6), c.mpm_temp, c.mpm_eps, c.mpm_margin)
+    assert got.item() == pytest.approx(grouped.item(), rel=1e-6)
+    assert grouped.item() < apart.item()                  # the copy gets no margin against its twin
+
+
+def test_clip_classify_with_mpm_nce_trains_and_the_loop_updates_the_adapter_ema():
+    from vlat.train import StepContext, TrainConfig, clean_step
+
+    torch.manual_seed(0)
+    model = build_model("clip", "nano", loss="mpm_nce").train()
+    adapters = add_adapters(model, drop=0.0, ema=0.9)
+    ctx = StepContext.standalone(model, "classify", TrainConfig(device="cpu", progress=False, lr=1e-2, grad_clip=0.0))
+    loss = clean_step(ctx, make_batch("classify", n=6))
+    assert torch.isfinite(loss)
+    moved = [ad for ad in adapters if ad.weight.abs().sum() > 0]
+    assert moved
+    for ad in moved:                                      # one applied update: W̃ = 0.9 · 0 + 0.1 · W
+        assert torch.allclose(ad.ema_weight, 0.1 * ad.weight.detach(), atol=1e-7)
+    with pytest.raises(ValueError, match="loss"):
+        build_model("clip", "nano", loss="hinge")

@@ -58,7 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlat.models.base import PerturbationSite, TaskOutput, VLModel, full_mask, text_mask
+from vlat.models.base import PerturbationSite, TaskOutput, VLModel, caption_ids, full_mask, text_mask
 from vlat.objectives import ema_, hard_negatives, itc_loss, mlm_loss
 
 
@@ -158,9 +158,6 @@ class AlbefModel(VLModel):
         self.register_buffer("text_queue", F.normalize(torch.randn(c.queue_size, c.embed_dim), dim=1))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
         self.register_buffer("idx_queue", torch.full((c.queue_size,), -1, dtype=torch.long))  # caption ids
-        self.register_buffer("caption_hash", torch.randint(1, 2**31, (c.max_text_len,),
-                                                           generator=torch.Generator().manual_seed(0)),
-                             persistent=False)
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
         self.updates, self.ptr = 0, 0                         # host copies of num_updates, queue_ptr (no syncs)
         self._pending = None                                  # momentum features waiting to be enqueued
@@ -300,9 +297,10 @@ class AlbefModel(VLModel):
         self.updates += 1
         self.num_updates += 1
 
-    def caption_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """An integer id per caption ``[B]``, equal for identical token sequences (a fixed random hash)."""
-        return (input_ids.long() * self.caption_hash[:input_ids.shape[1]]).sum(1)
+    @staticmethod
+    def caption_ids(input_ids: torch.Tensor) -> torch.Tensor:
+        """An integer id per caption (:func:`vlat.models.base.caption_ids`)."""
+        return caption_ids(input_ids)
 
     def _check_queue(self, B: int) -> None:
         Q = self.config.queue_size

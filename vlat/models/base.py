@@ -190,6 +190,17 @@ def run_layer_one(model: "VLModel", site: str, batch: dict) -> torch.Tensor:
     return box["out"]
 
 
+_HASH = torch.randint(1, 2**31, (4096,), generator=torch.Generator().manual_seed(0))
+
+
+def caption_ids(input_ids: torch.Tensor) -> torch.Tensor:
+    """An integer id per caption ``[B]``, equal for identical token sequences (a fixed random hash; a
+    collision between two different captions is vanishingly unlikely). Groups of identical captions
+    are positives of each other in ALBEF's ITC (its ``idx`` queue) and in MPM-NCE."""
+    w = _HASH[:input_ids.shape[1]].to(input_ids.device)
+    return (input_ids.long() * w).sum(1)
+
+
 def attention_rollout(attentions, residual: float = 0.5) -> torch.Tensor:
     """Abnar & Zuidema (2020): multiply the layers' head-averaged attention ``[B, T, T]``, each mixed
     with the identity for the residual path (``A' = r I + (1 - r) A``, rows renormalised); returns

@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlat.models.base import PerturbationSite, TaskOutput, VLModel, attention_rollout, full_mask, text_mask
+from vlat.models.base import (PerturbationSite, TaskOutput, VLModel, attention_rollout, caption_ids, full_mask,
+                              text_mask)
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -51,6 +52,10 @@ class ClipConfig:
     image_std: tuple = (0.25, 0.25, 0.25)
     tokenizer: str | None = None     # None: the toy world's tokenizer; else a path / hub id
     pretrained: str | None = None    # the checkpoint it was loaded from, if any
+    loss: str = "infonce"            # training loss: infonce (CLIP's) or mpm_nce (R-Adapter's multi-positive)
+    mpm_temp: float = 0.01           # MPM-NCE: fixed temperature τ
+    mpm_eps: float = 0.02            # MPM-NCE: label smoothing ε
+    mpm_margin: float = 0.05         # MPM-NCE: margin δ on the negatives
 
     def to_hf(self):
         from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
@@ -93,6 +98,8 @@ class ClipDualEncoder(VLModel):
         super().__init__()
         from transformers import CLIPModel
 
+        if config.loss not in ("infonce", "mpm_nce"):
+            raise ValueError(f"unknown loss {config.loss!r}; choose infonce or mpm_nce")
         self.config = config
         self.clip = clip if clip is not None else CLIPModel(config.to_hf())
         self.pixel_input = nn.Identity()  # site "pixels"
@@ -183,6 +190,27 @@ class ClipDualEncoder(VLModel):
         n = self.config.image_size // self.config.patch_size
         return attention_rollout(attn)[:, 0, 1:].reshape(-1, n, n)
 
+    def _mpm_nce(self, batch, task, img, txt, logits) -> TaskOutput:
+        """R-Adapter's loss (:func:`vlat.objectives.mpm_nce`): ``itc`` groups identical captions of the
+        batch; ``classify`` pairs each image with its class prompt, images of one class being positives."""
+        from vlat.objectives import mpm_nce
+
+        c = self.config
+        if task == "classify":
+            labels = batch["labels"]
+            loss = mpm_nce(img, txt[labels], labels, c.mpm_temp, c.mpm_eps, c.mpm_margin)
+        else:
+            labels = torch.arange(logits.shape[0], device=logits.device)
+            loss = mpm_nce(img, txt, caption_ids(batch["input_ids"]), c.mpm_temp, c.mpm_eps, c.mpm_margin)
+        return TaskOutput(loss=loss, logits=logits, labels=labels)
+
+    def after_optimizer_step(self) -> None:
+        """R-Adapters (if any were added, :func:`vlat.robust.add_adapters`) update their weight EMA."""
+        from vlat.robust import adapters_of
+
+        for ad in adapters_of(self):
+            ad.update_ema()
+
     def forward(self, batch: dict, task: str, output_attentions: bool = False) -> TaskOutput:
         self.check_task(task)
         img, img_attn = self.image_features(batch["pixel_values"], output_attentions)
@@ -192,6 +220,8 @@ class ClipDualEncoder(VLModel):
             txt, txt_attn = self.text_features(batch["input_ids"], batch["attention_mask"], output_attentions)
         scale = self.clip.logit_scale.exp().clamp(max=100.0)
         logits = scale * img @ txt.t()                                        # [B, C] or [B, B]
+        if self.config.loss == "mpm_nce":
+            return self._mpm_nce(batch, task, img, txt, logits)
         if task == "classify":
             labels = batch["labels"]
             loss = F.cross_entropy(logits, labels)
