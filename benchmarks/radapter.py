@@ -184,6 +184,20 @@ def table(runs: list[dict]) -> None:
         if m == "full fine-tuning":
             names += [f"WiSE-FT α={x}" for x in WISE if f"WiSE-FT α={x}" in rows]
     print_table({m: rows[m] for m in names})
+    return {m: rows[m] for m in names}
+
+
+def plot(rows: dict, path: str, title: str) -> None:
+    """The ID-vs-OOD-mean plot (mean over seeds) as a standalone HTML file (plotly.js from its CDN)."""
+    import statistics
+
+    from vlat.explain import id_ood_scatter
+
+    points = {m: (statistics.mean(r["id"] for r in rs), statistics.mean(r["ood_mean"] for r in rs))
+              for m, rs in rows.items()}
+    id_ood_scatter(points, title, baseline="zero-shot" if "zero-shot" in points else None).write_html(
+        path, include_plotlyjs="cdn")
+    print(f"wrote {path}")
 
 
 def main(argv=None) -> None:
@@ -199,10 +213,14 @@ def main(argv=None) -> None:
     ap.add_argument("--eval-size", type=int, default=500, help="test scenes per column")
     ap.add_argument("--seeds", type=int, default=3, help="seeds per arm")
     ap.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset")
+    ap.add_argument("--plot", default=None, metavar="HTML", help="with --report: also write the ID-vs-OOD plot here")
     add_run_options(ap)
     a = ap.parse_args(argv)
     if a.report:
-        return table(load_runs(a.report))
+        rows = table(load_runs(a.report))
+        if a.plot:
+            plot(rows, a.plot, f"tiny CLIP fine-tuned on {a.task}: ID vs OOD mean")
+        return None
     if a.fast:
         a.epochs, a.train_size, a.eval_size, a.seeds = 1, 128, 64, 1
     arms = a.arms.split(",")

@@ -4,6 +4,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -60,3 +62,23 @@ def test_villa_fast_run_builds_each_pretraining_once_and_scores_every_arm(tmp_pa
     capsys.readouterr()
     vil.main(["--report", str(out)])
     assert "| VILLA-pre |" in capsys.readouterr().out
+
+
+def test_radapter_fast_run_scores_arms_wise_ft_and_writes_the_plot(tmp_path, capsys):
+    ra = load("radapter")
+    out = tmp_path / "rows.json"
+    ra.main(["--fast", "--arms", "zero-shot,full fine-tuning,R-Adapter (+ rescaling)", "--json", str(out)])
+    runs = [r for item in json.loads(out.read_text())["runs"] for r in item]
+    names = sorted(r["method"] for r in runs)
+    assert names == sorted(["zero-shot", "full fine-tuning", "R-Adapter (+ rescaling)", "WiSE-FT α=0.25",
+                            "WiSE-FT α=0.5", "WiSE-FT α=0.75"])
+    by = {r["method"]: r for r in runs}
+    assert by["zero-shot"]["trainable_%"] == 0 and by["full fine-tuning"]["trainable_%"] == 100
+    assert 0 < by["R-Adapter (+ rescaling)"]["trainable_%"] < 100
+    for r in runs:
+        shifts = ("sketch", "texture", "composition", "paraphrase", "palette")
+        assert 0 <= r["id"] <= 1 and r["ood_mean"] == pytest.approx(sum(r[s] for s in shifts) / 5)
+    capsys.readouterr()
+    ra.main(["--report", str(out), "--plot", str(tmp_path / "plot.html")])
+    assert "| WiSE-FT α=0.5 |" in capsys.readouterr().out
+    assert "plotly" in (tmp_path / "plot.html").read_text()

@@ -101,3 +101,21 @@ def ablation_bars(runs: list[dict], columns: list[str], title: str = "ablation",
         fig.add_bar(name=f"{name} (n={len(rows)})", x=columns, y=means, error_y=dict(type="data", array=sds))
     fig.update_layout(barmode="group", title=title, yaxis=dict(range=[0, 1], title="accuracy"), height=400)
     return fig
+
+
+def id_ood_scatter(points: dict[str, tuple[float, float]], title: str = "ID vs OOD", baseline: str | None = None):
+    """Each method as a point (ID score, OOD-mean score); with ``baseline`` (a key of ``points``) a dashed line
+    through it of slope 1: points above it have *effective robustness* (more OOD than their ID predicts)."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for name, (x, y) in points.items():
+        fig.add_scatter(x=[x], y=[y], mode="markers+text", name=name, text=[name], textposition="top center",
+                        marker=dict(size=11))
+    if baseline is not None:
+        x0, y0 = points[baseline]
+        xs = [min(p[0] for p in points.values()), max(p[0] for p in points.values())]
+        fig.add_scatter(x=xs, y=[y0 + (x - x0) for x in xs], mode="lines", line=dict(dash="dash", color="grey"),
+                        name=f"slope 1 through {baseline}")
+    fig.update_layout(title=title, xaxis_title="ID", yaxis_title="OOD mean", height=480, showlegend=False)
+    return fig
