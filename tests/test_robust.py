@@ -264,3 +264,19 @@ def test_clip_classify_with_mpm_nce_trains_and_the_loop_updates_the_adapter_ema(
         assert torch.allclose(ad.ema_weight, 0.1 * ad.weight.detach(), atol=1e-7)
     with pytest.raises(ValueError, match="loss"):
         build_model("clip", "nano", loss="hinge")
+
+
+def test_adapters_on_a_clip_model_loaded_from_a_saved_checkpoint(tmp_path):
+    """The Colab path: transformers.CLIPModel.from_pretrained (here offline, from a checkpoint saved locally)."""
+    from transformers import CLIPModel
+
+    tiny_clip().clip.save_pretrained(tmp_path / "clip")
+    hf = CLIPModel.from_pretrained(tmp_path / "clip").eval()
+    adapters = add_adapters(hf)
+    randomise(adapters)
+    x = torch.rand(2, 3, hf.config.vision_config.image_size, hf.config.vision_config.image_size)
+    with torch.no_grad():
+        unmerged = hf.get_image_features(pixel_values=x, return_dict=True).pooler_output
+        merge_adapters(hf)
+        merged = hf.get_image_features(pixel_values=x, return_dict=True).pooler_output
+    assert torch.allclose(merged, unmerged, atol=1e-5, rtol=1e-5)
