@@ -69,10 +69,20 @@ class FreeLB(Adversary):
         """On a fixed model: δ₀ then K-1 ascents, i.e. the last δ a training step back-propagates."""
         return self.steps - 1
 
-    def step_loss(self, ctx, batch, deltas, clean_logits=None):
-        """The loss of one ascent step (VILLA overrides this to add its KL term)."""
-        out = forward_with(ctx, batch, deltas)
-        return out.loss, out
+    # -- the pieces of one training step a variant may replace (VILLA: a clean forward, a KL term, fp16 care) --
+    def clean_logits(self, ctx, batch, same: SameDropout):
+        """Logits the step losses compare against, computed once per batch (FreeLB: none)."""
+        return None
+
+    def step_loss(self, ctx, batch, deltas, same: SameDropout, clean=None) -> tuple[torch.Tensor, dict]:
+        """The loss of one ascent step at ``deltas`` (under the replayed dropout masks) and any extra
+        per-step values for the trace."""
+        same.replay()
+        return forward_with(ctx, batch, deltas).loss, {}
+
+    def delta_grads(self, ctx, deltas) -> dict | None:
+        """The δ-gradients the next ascent follows (``None``: stop ascending for this batch)."""
+        return {k: d.grad for k, d in deltas.items()}
 
     def accumulate(self, ctx, batch) -> tuple[torch.Tensor, dict]:
         """Run the K steps, leaving (1/K)-weighted parameter gradients in ``.grad``; returns the mean loss
@@ -81,16 +91,23 @@ class FreeLB(Adversary):
         self.last_trace = []
         total = 0.0
         with SameDropout(ctx.device) as same:
+            clean = self.clean_logits(ctx, batch, same)
             for t in range(self.steps):
-                same.replay()
-                loss, _ = self.step_loss(ctx, batch, deltas)
+                loss, extra = self.step_loss(ctx, batch, deltas, same, clean)
                 self.record(t, loss, deltas)
+                if self.trace:
+                    self.last_trace[-1].update({k: float(v) for k, v in extra.items()})
+                last = t == self.steps - 1
                 loss = loss / self.steps
-                ctx.backward(loss)                                  # θ-grads accumulate over the K steps
+                # θ-grads accumulate over the K steps; a clean graph shared by the steps is kept until the last
+                ctx.backward(loss, retain_graph=clean is not None and not last)
                 total = total + loss.detach()
-                if t < self.steps - 1:
-                    grads = {k: d.grad for k, d in deltas.items()}
-                    deltas = self.ascend(ctx.model, batch, deltas, grads)
+                if last:
+                    break
+                grads = self.delta_grads(ctx, deltas)
+                if grads is None:
+                    break
+                deltas = self.ascend(ctx.model, batch, deltas, grads)
         return total, deltas
 
     def __call__(self, ctx, batch) -> torch.Tensor:

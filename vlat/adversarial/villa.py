@@ -56,7 +56,7 @@ from dataclasses import dataclass
 import torch
 
 from vlat.adversarial.base import check_number, forward_with
-from vlat.adversarial.freelb import FreeLB, SameDropout
+from vlat.adversarial.freelb import FreeLB
 from vlat.objectives import symmetric_kl
 
 MODALITIES = ("text", "image", "both", "alternating")
@@ -117,41 +117,33 @@ class VILLA(FreeLB):
             return out.loss
         return out.loss + self.kl_weight * task_kl(out, clean_logits, out.labels)
 
-    # -- the training step ---------------------------------------------------------------------------------
-    def accumulate(self, ctx, batch) -> tuple[torch.Tensor, dict]:
-        """The K free steps: parameter gradients of ``L_t / K`` accumulate in ``.grad``; returns the mean
-        step loss (adversarial loss + w · KL) and the last δ."""
-        deltas = self.new_deltas(ctx.model, batch, "uniform", self.init_mag)
-        self.last_trace = []
-        total = 0.0
-        with SameDropout(ctx.device) as same:
-            clean = None
-            if self.kl_weight > 0:
-                same.replay()
-                clean = ctx.forward(batch).logits                     # with gradient, as the reference
-            for t in range(self.steps):
-                loss, kl = 0.0, 0.0
-                for group in self.groups:
-                    same.replay()
-                    out = forward_with(ctx, batch, {k: deltas[k] for k in group})
-                    loss = loss + out.loss
-                    if clean is not None:
-                        kl = kl + task_kl(out, clean, out.labels)
-                if clean is not None:
-                    loss = loss + self.kl_weight * kl
-                self.record(t, loss, deltas)
-                if self.trace and clean is not None:
-                    self.last_trace[-1]["kl"] = float(kl.detach())
-                last = t == self.steps - 1
-                ctx.backward(loss / self.steps, retain_graph=clean is not None and not last)
-                total = total + loss.detach() / self.steps
-                if last:
-                    break
-                grads = {k: d.grad.float() for k, d in deltas.items()}
-                if ctx.scaler is not None:                            # true scale before normalising
-                    scale = ctx.scaler.get_scale()
-                    grads = {k: g / scale for k, g in grads.items()}
-                if not all(bool(torch.isfinite(g).all()) for g in grads.values()):
-                    break                                             # overflow: the scaler skips this update
-                deltas = self.ascend(ctx.model, batch, deltas, grads)
-        return total, deltas
+    # -- the training step: FreeLB's loop (FreeLB.accumulate) with these three pieces -----------------------
+    def clean_logits(self, ctx, batch, same):
+        """The clean prediction, once per batch and **with** gradient (as the reference); none when w = 0."""
+        if self.kl_weight == 0:
+            return None
+        same.replay()
+        return ctx.forward(batch).logits
+
+    def step_loss(self, ctx, batch, deltas, same, clean=None):
+        """Adversarial loss (one forward per site group) + w · symmetric KL to the clean prediction."""
+        loss, kl = 0.0, 0.0
+        for group in self.groups:
+            same.replay()
+            out = forward_with(ctx, batch, {k: deltas[k] for k in group})
+            loss = loss + out.loss
+            if clean is not None:
+                kl = kl + task_kl(out, clean, out.labels)
+        if clean is None:
+            return loss, {}
+        return loss + self.kl_weight * kl, {"kl": kl.detach()}
+
+    def delta_grads(self, ctx, deltas):
+        """δ-gradients at true scale (fp16: divided by the loss scale); ``None`` if any is non-finite."""
+        grads = {k: d.grad.float() for k, d in deltas.items()}
+        if ctx.scaler is not None:
+            scale = ctx.scaler.get_scale()
+            grads = {k: g / scale for k, g in grads.items()}
+        if not all(bool(torch.isfinite(g).all()) for g in grads.values()):
+            return None                                               # overflow: the scaler skips this update
+        return grads
