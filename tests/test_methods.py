@@ -409,3 +409,19 @@ def test_inner_maximisation_raises_its_objective(method, name, task, site):
         clean = model(batch, task).logits.float()
         final = float(adv.attack_objective(model, batch, task, deltas, clean))
     assert final > losses[0]
+
+
+def test_prediction_shift_agrees_with_robust_accuracy_and_vanishes_with_the_ball():
+    from vlat.evaluate import prediction_shift, robust_accuracy
+    from vlat.world import WorldDataset
+
+    torch.manual_seed(0)
+    model = build_model("single_stream", "nano").eval()
+    data = WorldDataset("itm", "test", 24)
+    attack = PGD(sites=("image",), eps=1.0, step_size=0.3, steps=3)
+    shift = prediction_shift(model, data, "itm", attack)
+    assert shift["kl"].shape == (24,) and (shift["kl"] >= -1e-6).all() and shift["kl"].max() > 0
+    assert float(shift["robust"].mean()) == pytest.approx(robust_accuracy(model, data, "itm", attack))
+    none = prediction_shift(model, data, "itm", PGD(sites=("image",), steps=1, eps=1e-12, step_size=1e-12))
+    assert torch.allclose(none["kl"], torch.zeros(24), atol=1e-6)
+    assert torch.allclose(none["conf"], none["conf_adv"], atol=1e-6)

@@ -92,13 +92,12 @@ def prediction_shift(model: VLModel, dataset, task: str, attack, tokenizer=None,
     """How far an attack moves each prediction, per example ``[N]``: ``kl`` = KL(p‖p_adv) + KL(p_adv‖p)
     (VILLA's fine-grained term), ``conf`` / ``conf_adv`` = the probability of the true label clean / attacked,
     ``robust`` = correct both clean and attacked (its mean is :func:`robust_accuracy`)."""
-    from vlat.objectives import kl_logits
+    from vlat.objectives import symmetric_kl
 
     cols: dict[str, list] = {"kl": [], "conf": [], "conf_adv": [], "robust": []}
     for out, adv in attacked_outputs(model, dataset, task, attack, tokenizer, batch_size, seed):
         a, b = out.logits.float(), adv.logits.float()
-        cols["kl"].append(torch.stack([kl_logits(a[i:i + 1], b[i:i + 1]) + kl_logits(b[i:i + 1], a[i:i + 1])
-                                       for i in range(len(a))]))
+        cols["kl"].append(symmetric_kl(a, b, reduce=False))
         cols["conf"].append(a.softmax(-1).gather(-1, out.labels[:, None])[:, 0])
         cols["conf_adv"].append(b.softmax(-1).gather(-1, adv.labels[:, None])[:, 0])
         cols["robust"].append(((a.argmax(-1) == out.labels) & (b.argmax(-1) == adv.labels)).float())

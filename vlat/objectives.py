@@ -17,17 +17,19 @@ import torch.nn.functional as F
 from vlat.world.masking import mask_tokens
 
 
-def kl_logits(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
+def kl_logits(p_logits: torch.Tensor, q_logits: torch.Tensor, reduce: bool = True) -> torch.Tensor:
     """``KL(p ‖ q)`` between the softmax distributions of two logit tensors ``[..., C]``, averaged over
-    all leading positions (batch, and tokens for MLM). Computed in fp32 with log-softmax for stability."""
-    p_log = F.log_softmax(p_logits.float().flatten(0, -2), dim=-1)
-    q_log = F.log_softmax(q_logits.float().flatten(0, -2), dim=-1)
-    return (p_log.exp() * (p_log - q_log)).sum(-1).mean()
+    all leading positions (batch, and tokens for MLM); ``reduce=False``: one value per position, shaped
+    like the leading axes. Computed in fp32 with log-softmax for stability."""
+    p_log = F.log_softmax(p_logits.float(), dim=-1)
+    q_log = F.log_softmax(q_logits.float(), dim=-1)
+    kl = (p_log.exp() * (p_log - q_log)).sum(-1)
+    return kl.mean() if reduce else kl
 
 
-def symmetric_kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
+def symmetric_kl(p_logits: torch.Tensor, q_logits: torch.Tensor, reduce: bool = True) -> torch.Tensor:
     """``KL(p ‖ q) + KL(q ‖ p)``: zero iff the distributions agree, symmetric in its arguments."""
-    return kl_logits(p_logits, q_logits) + kl_logits(q_logits, p_logits)
+    return kl_logits(p_logits, q_logits, reduce) + kl_logits(q_logits, p_logits, reduce)
 
 
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
