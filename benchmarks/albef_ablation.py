@@ -25,11 +25,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import add_run_options, load_runs, print_table, run_and_report, threads_per_job  # noqa: E402
+from common import add_run_options, load_runs, machine, print_table, run_and_report, threads_per_job  # noqa: E402
 
 from vlat.evaluate import accuracy, retrieval  # noqa: E402
 from vlat.models import build_model  # noqa: E402
-from vlat.train import TrainConfig, resolve_device, train  # noqa: E402
+from vlat.train import TrainConfig, train  # noqa: E402
 from vlat.world import Collator, WorldDataset, load_tokenizer  # noqa: E402
 
 
@@ -52,11 +52,8 @@ def run(job) -> dict:
 
 
 def settings(a) -> str:
-    device = resolve_device(a.device)
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     return (f"ALBEF tiny pre-training from scratch, {a.epochs} epochs x {a.train_size} scenes, batch {a.batch_size}, "
-            f"lr {a.lr}, {a.seeds} seeds; {a.eval_size} ID test scenes; {where}, torch {torch.__version__}, "
-            f"{a.jobs} run(s) at a time")
+            f"lr {a.lr}, {a.seeds} seeds; {a.eval_size} ID test scenes; {machine(a)}")
 
 
 def table(runs: list[dict]) -> None:

@@ -29,11 +29,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import add_run_options, load_runs, print_table, run_and_report, threads_per_job  # noqa: E402
+from common import (add_run_options, group_runs, load_runs, machine, print_table, run_and_report,  # noqa: E402
+                    threads_per_job)
 
 from vlat.evaluate import ood_table, retrieval  # noqa: E402
 from vlat.models import build_model  # noqa: E402
-from vlat.train import TrainConfig, resolve_device, train  # noqa: E402
+from vlat.train import TrainConfig, train  # noqa: E402
 from vlat.world import SHIFTS, Collator, WorldDataset, load_tokenizer  # noqa: E402
 
 RECALL = ("TR@1", "TR@5", "TR@10", "IR@1", "IR@5", "IR@10")
@@ -68,32 +69,22 @@ def run(job) -> list[dict]:
     pre_s = fit(model, "pretrain", a.epochs, a.lr, a.noise, seed, a)
     tag = f"{a.name}, " if a.name else ""
     rows = [{"stage": f"{tag}zero-shot", "seed": seed, "train_s": pre_s, **scores(model, model, a)}]
-    tuned = {}
-    for task in ("itc", "itm"):
-        tuned[task] = copy.deepcopy(model)
-        tuned[task + "_s"] = fit(tuned[task], task, a.finetune_epochs, a.finetune_lr, 0.0, seed, a)
-    rows.append({"stage": f"{tag}fine-tuned", "seed": seed, "train_s": tuned["itc_s"] + tuned["itm_s"],
-                 **scores(tuned["itc"], tuned["itm"], a)})
+    tuned = {task: copy.deepcopy(model) for task in ("itc", "itm")}
+    seconds = sum(fit(m, task, a.finetune_epochs, a.finetune_lr, 0.0, seed, a) for task, m in tuned.items())
+    rows.append({"stage": f"{tag}fine-tuned", "seed": seed, "train_s": seconds, **scores(tuned["itc"], tuned["itm"], a)})
     return rows
 
 
 def settings(a) -> str:
-    device = resolve_device(a.device)
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    return (f"ALBEF tiny {a.overrides} pre-trained from scratch {a.epochs} epochs x {a.train_size} scenes ({a.noise:.0%} noisy "
-            f"captions), batch {a.batch_size}, lr {a.lr}; fine-tuned {a.finetune_epochs} epochs (itc and itm copies, "
-            f"lr {a.finetune_lr}); {a.seeds} seeds; {a.eval_size} test scenes per column; {where}, torch "
-            f"{torch.__version__}, {a.jobs} run(s) at a time")
+    return (f"ALBEF tiny {a.overrides} pre-trained from scratch {a.epochs} epochs x {a.train_size} scenes "
+            f"({a.noise:.0%} noisy captions), batch {a.batch_size}, lr {a.lr}; fine-tuned {a.finetune_epochs} epochs (itc and itm copies, "
+            f"lr {a.finetune_lr}); {a.seeds} seeds; {a.eval_size} test scenes per column; {machine(a)}")
 
 
 def table(runs: list[dict]) -> None:
-    flat = [r for item in runs for r in (item if isinstance(item, list) else [item])]
-    rows: dict = {}
-    for r in sorted(flat, key=lambda r: r["seed"]):
-        rows.setdefault(r["stage"], []).append({k: v for k, v in r.items() if k not in ("stage", "seed")})
-    order = list(rows)
+    rows = group_runs(runs, "stage")
     for cols in (["train_s", *RECALL, "ITM"], [f"TR@1 {s}" for s in SHIFTS], [f"ITM {s}" for s in SHIFTS]):
-        print_table({s: [{c: r[c] for c in cols} for r in rows[s]] for s in order}, first="stage")
+        print_table({s: [{c: r[c] for c in cols} for r in runs_s] for s, runs_s in rows.items()}, first="stage")
         print()
 
 

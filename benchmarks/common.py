@@ -52,6 +52,27 @@ def run_and_report(fn: Callable, jobs: list, a, settings: Callable, table: Calla
     table(runs)
 
 
+def machine(a) -> str:
+    """The tail of a settings line: the GPU's name or the CPU's cores, torch's version, runs at a time."""
+    import torch
+
+    from vlat.train import resolve_device
+
+    device = resolve_device(a.device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {os.cpu_count()} cores"
+    return f"{where}, torch {torch.__version__}, {a.jobs} run(s) at a time"
+
+
+def group_runs(runs: list, key: str = "method") -> dict[str, list[dict]]:
+    """Saved rows grouped by ``key`` in seed order, each without ``key`` and ``seed`` (a run that returned a
+    list of rows, one per stage or per derived model, counts as those rows)."""
+    flat = [r for item in runs for r in (item if isinstance(item, list) else [item])]
+    rows: dict = {}
+    for r in sorted(flat, key=lambda r: r["seed"]):
+        rows.setdefault(r[key], []).append({k: v for k, v in r.items() if k not in (key, "seed")})
+    return rows
+
+
 def save_runs(path: str | None, settings: str, runs: list[dict]) -> None:
     if path:
         Path(path).write_text(json.dumps({"settings": settings, "runs": runs}, indent=1))

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import sys
 import time
 from pathlib import Path
@@ -35,7 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import add_run_options, load_runs, print_table, run_and_report, threads_per_job  # noqa: E402
+from common import (add_run_options, group_runs, load_runs, machine, print_table, run_and_report,  # noqa: E402
+                    threads_per_job)
 
 from vlat.evaluate import ood_table  # noqa: E402
 from vlat.models import load_model  # noqa: E402
@@ -65,8 +65,7 @@ def trainable_fraction(model) -> float:
 
 
 def scores(model, a) -> dict:
-    row = ood_table(model, a.task, a.eval_size, 0, tokenizer=load_tokenizer())
-    return {"id": row["id"], **{s: row[s] for s in SHIFTS}, "ood_mean": row["ood_mean"]}
+    return ood_table(model, a.task, a.eval_size, 0, tokenizer=load_tokenizer())     # id, each shift, ood_mean
 
 
 def fine_tune(model, a, seed: int, lr: float) -> float:
@@ -76,12 +75,11 @@ def fine_tune(model, a, seed: int, lr: float) -> float:
     return train(model, a.task, data, cfg, collate_fn=Collator(load_tokenizer(), a.task)).seconds
 
 
-def linear_probe(model, a, seed: int) -> float:
+def linear_probe(model, a, seed: int) -> torch.nn.Linear:
     """A linear classifier on frozen image features, initialised from the class prompts' text features
     (the zero-shot head), trained with cross-entropy; it replaces the prompts at test time."""
     from vlat.evaluate import task_batches
 
-    t0 = time.perf_counter()
     model.eval().requires_grad_(False)
     feats, labels = [], []
     data = WorldDataset("classify", "train", a.train_size, seed)
@@ -100,12 +98,10 @@ def linear_probe(model, a, seed: int) -> float:
         opt.zero_grad()
         torch.nn.functional.cross_entropy(head(x), y).backward()
         opt.step()
-    with torch.no_grad():      # the probe as the model's class-prompt features: logits = scale * img @ W^T
-        model.probe_head = head.requires_grad_(False)
-    return time.perf_counter() - t0
+    return head.requires_grad_(False)
 
 
-def probe_scores(model, a) -> dict:
+def probe_scores(model, head, a) -> dict:
     from vlat.evaluate import task_batches
 
     row = {}
@@ -114,7 +110,7 @@ def probe_scores(model, a) -> dict:
         correct = total = 0
         with torch.no_grad():
             for batch in task_batches(model, data, "classify", load_tokenizer()):
-                pred = model.probe_head(model.image_features(batch["pixel_values"])[0]).argmax(-1)
+                pred = head(model.image_features(batch["pixel_values"])[0]).argmax(-1)
                 correct += int((pred == batch["labels"]).sum())
                 total += len(pred)
         row[shift or "id"] = correct / total
@@ -136,9 +132,11 @@ def run(job) -> list[dict]:
     if how is None:
         row, frac = scores(model, a), 0.0
     elif how == "probe":
-        frac = (model.clip.projection_dim * 24 + 24) / sum(p.numel() for p in model.parameters())
-        seconds = linear_probe(model, a, seed)
-        row = probe_scores(model, a)
+        t0 = time.perf_counter()
+        head = linear_probe(model, a, seed)
+        seconds = time.perf_counter() - t0
+        frac = sum(p.numel() for p in head.parameters()) / sum(p.numel() for p in model.parameters())
+        row = probe_scores(model, head, a)
     elif how == "full":
         zero = copy.deepcopy(model)
         frac = trainable_fraction(model)
@@ -165,18 +163,13 @@ def run(job) -> list[dict]:
 
 
 def settings(a) -> str:
-    device = resolve_device(a.device)
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {os.cpu_count()} cores"
     return (f"tiny CLIP from {ZERO_SHOT.name}, fine-tuned on {a.task}: {a.epochs} epochs x {a.train_size} scenes, batch "
-            f"{a.batch_size}, lr {a.lr} (adapters {a.adapter_lr}), EMA {a.ema}; {a.seeds} seeds; {a.eval_size} test scenes per column; {where}, "
-            f"torch {torch.__version__}, {a.jobs} run(s) at a time")
+            f"{a.batch_size}, lr {a.lr} (adapters {a.adapter_lr}), EMA {a.ema}; {a.seeds} seeds; {a.eval_size} test "
+            f"scenes per column; {machine(a)}")
 
 
 def table(runs: list[dict]) -> None:
-    flat = [r for item in runs for r in (item if isinstance(item, list) else [item])]
-    rows: dict = {}
-    for r in sorted(flat, key=lambda r: r["seed"]):
-        rows.setdefault(r["method"], []).append({k: v for k, v in r.items() if k not in ("method", "seed")})
+    rows = group_runs(runs)
     order = [m for m in ARMS if m in rows]
     names = []
     for m in order:
@@ -230,7 +223,8 @@ def main(argv=None) -> None:
     if a.task == "itc" and "linear probe" in arms:
         arms.remove("linear probe")
     a.threads = threads_per_job(a.jobs)
-    run_and_report(run, [(m, seed, a) for m in arms for seed in range(a.seeds)], a, settings, table, time.perf_counter())
+    jobs = [(m, seed, a) for m in arms for seed in range(a.seeds)]
+    run_and_report(run, jobs, a, settings, table, time.perf_counter())
 
 
 if __name__ == "__main__":

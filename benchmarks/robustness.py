@@ -38,7 +38,6 @@ The ``paraphrase`` column re-words captions, not statements, so for ``tf`` it eq
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -48,12 +47,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import add_run_options, load_runs, print_table, run_all, run_and_report, threads_per_job  # noqa: E402
+from common import (add_run_options, group_runs, load_runs, machine, print_table, run_all,  # noqa: E402
+                    run_and_report, threads_per_job)
 
 from vlat.adversarial import FGM, PGD, SMART, YOPO, FreeAT, FreeLB  # noqa: E402
 from vlat.evaluate import accuracy, robust_accuracy  # noqa: E402
 from vlat.models import build_model, load_model, save_model  # noqa: E402
-from vlat.train import TrainConfig, clean_step, resolve_device, to_device, train  # noqa: E402
+from vlat.train import TrainConfig, clean_step, to_device, train  # noqa: E402
 from vlat.world import SHIFTS, Collator, WorldDataset, load_tokenizer  # noqa: E402
 
 SITES = ("text", "image")
@@ -68,6 +68,15 @@ METHODS = {
     "FreeLB-3": lambda e: FreeLB(sites=SITES, steps=3, step_size=e / 2.5, init_mag=e / 2, eps=e),
     "SMART": lambda e: SMART(sites=SITES, norm="linf", eps=e, step_size=e / 2.5, sigma=e / 10),
 }
+
+
+def add_radius_options(ap, what: str) -> None:
+    """The radii, as fractions of each site's norm: the training method's (``what``) and the PGD-10
+    evaluation attack's (read by :func:`score`)."""
+    ap.add_argument("--text-eps", type=float, default=0.01, help=f"{what} on the text, a fraction of its norm")
+    ap.add_argument("--image-eps", type=float, default=0.03, help=f"{what} on the image, a fraction of its norm")
+    ap.add_argument("--attack-text-eps", type=float, default=0.02, help="PGD-10 L2 radius on the text (fraction)")
+    ap.add_argument("--attack-image-eps", type=float, default=0.1, help="PGD-10 L2 radius on the image (fraction)")
 
 
 def fractions(a, prefix: str) -> dict:
@@ -130,19 +139,14 @@ def _run(job):
 
 
 def settings(a) -> str:
-    device = resolve_device(a.device)
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {os.cpu_count()} cores"
     return (f"single-stream tiny, MLM pre-training {a.pretrain_epochs} epochs, then task {a.task}: {a.epochs} epochs x "
             f"{a.train_size} scenes, batch {a.batch_size}, {a.seeds} seeds, {a.eval_size} test scenes per column; eps "
             f"as fractions of each site's norm: train text {a.text_eps} / image {a.image_eps}, PGD-10 L2 text "
-            f"{a.attack_text_eps} / image {a.attack_image_eps}; {where}, torch {torch.__version__}, {a.jobs} run(s) "
-            f"at a time")
+            f"{a.attack_text_eps} / image {a.attack_image_eps}; {machine(a)}")
 
 
 def table(runs: list[dict]) -> None:
-    rows: dict = {}
-    for r in sorted(runs, key=lambda r: r["seed"]):
-        rows.setdefault(r["method"], []).append({k: v for k, v in r.items() if k not in ("method", "seed")})
+    rows = group_runs(runs)
     print_table({m: rows[m] for m in METHODS if m in rows})
 
 
@@ -156,10 +160,7 @@ def main(argv=None) -> None:
     ap.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate")
     ap.add_argument("--eval-size", type=int, default=500, help="test scenes per column")
     ap.add_argument("--seeds", type=int, default=3, help="seeds per method")
-    ap.add_argument("--text-eps", type=float, default=0.01, help="training radius on the text, a fraction of its norm")
-    ap.add_argument("--image-eps", type=float, default=0.03, help="training radius on the image, a fraction of its norm")
-    ap.add_argument("--attack-text-eps", type=float, default=0.02, help="PGD-10 L2 radius on the text (fraction)")
-    ap.add_argument("--attack-image-eps", type=float, default=0.1, help="PGD-10 L2 radius on the image (fraction)")
+    add_radius_options(ap, "training radius")
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
     ap.add_argument("--cache", default=str(Path.home() / ".cache" / "vlat" / "robustness"),
                     help="folder for the per-seed pre-trained weights")

@@ -34,7 +34,6 @@ the machine, so compare within one run).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -44,12 +43,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import add_run_options, load_runs, print_table, run_all, run_and_report, threads_per_job  # noqa: E402
-from robustness import fractions, score  # noqa: E402
+from common import (add_run_options, group_runs, load_runs, machine, print_table, run_all,  # noqa: E402
+                    run_and_report, threads_per_job)
+from robustness import add_radius_options, fractions, score  # noqa: E402
 
 from vlat.adversarial import VILLA  # noqa: E402
-from vlat.models import build_model, load_model, save_model  # noqa: E402
-from vlat.train import TrainConfig, clean_step, resolve_device, train  # noqa: E402
+from vlat.models import build_model, load_model, read_metadata, save_model  # noqa: E402
+from vlat.train import TrainConfig, clean_step, train  # noqa: E402
 from vlat.world import Collator, WorldDataset, load_tokenizer  # noqa: E402
 
 
@@ -96,7 +96,7 @@ def pretrained(kind: str, seed: int, a) -> tuple[Path, float]:
         path.parent.mkdir(parents=True, exist_ok=True)
         save_model(model, path, task="pretrain", method=kind, epochs=a.pretrain_epochs, train_size=a.train_size,
                    seed=seed, epoch_s=epoch_s)
-    return path, float(load_model(path).checkpoint_info.get("epoch_s", 0.0))
+    return path, float(read_metadata(path).get("epoch_s", 0.0))
 
 
 def run(arm: str, seed: int, a) -> dict:
@@ -119,19 +119,15 @@ def _pretrain(job):
 
 
 def settings(a) -> str:
-    device = resolve_device(a.device)
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {os.cpu_count()} cores"
     return (f"single-stream tiny, MLM + ITM pre-training {a.pretrain_epochs} epochs, then task {a.task}: {a.epochs} "
             f"epochs x {a.train_size} scenes, batch {a.batch_size}, lr {a.lr}, {a.seeds} seeds, {a.eval_size} test "
             f"scenes per column; VILLA K=3, w=1.5, no projection, step = half the radius, radii as fractions of each "
             f"site's norm: text {a.text_eps} / image {a.image_eps}; PGD-10 L2 text {a.attack_text_eps} / image "
-            f"{a.attack_image_eps}; {where}, torch {torch.__version__}, {a.jobs} run(s) at a time")
+            f"{a.attack_image_eps}; {machine(a)}")
 
 
 def table(runs: list[dict]) -> None:
-    rows: dict = {}
-    for r in sorted(runs, key=lambda r: r["seed"]):
-        rows.setdefault(r["method"], []).append({k: v for k, v in r.items() if k not in ("method", "seed")})
+    rows = group_runs(runs)
     print_table({m: rows[m] for m in ARMS if m in rows}, first="arm")
 
 
@@ -145,10 +141,7 @@ def main(argv=None) -> None:
     ap.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate")
     ap.add_argument("--eval-size", type=int, default=500, help="test scenes per column")
     ap.add_argument("--seeds", type=int, default=3, help="seeds per arm")
-    ap.add_argument("--text-eps", type=float, default=0.01, help="VILLA's largest text perturbation, a fraction of its norm")
-    ap.add_argument("--image-eps", type=float, default=0.03, help="VILLA's largest image perturbation (fraction)")
-    ap.add_argument("--attack-text-eps", type=float, default=0.02, help="PGD-10 L2 radius on the text (fraction)")
-    ap.add_argument("--attack-image-eps", type=float, default=0.1, help="PGD-10 L2 radius on the image (fraction)")
+    add_radius_options(ap, "VILLA's largest perturbation")
     ap.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of the arms")
     ap.add_argument("--pretrain-only", default=None, choices=["clean", "villa"],
                     help="only build the cached pre-trained models of this kind (all seeds) and stop")

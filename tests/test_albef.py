@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from tests.conftest import make_batch
 from vlat.models import build_model, load_model, perturbed, save_model
+from vlat.models.base import caption_ids
 from vlat.objectives import distilled_targets, ema_, hard_negatives, itc_loss, mask_tokens, mlm_loss
 
 
@@ -99,7 +100,7 @@ def test_identical_captions_share_an_id_and_enter_the_id_queue():
     ids = batch["input_ids"].clone()
     ids[3] = ids[1]                                       # two identical captions
     batch = {**batch, "input_ids": ids}
-    cid = model.caption_ids(ids)
+    cid = caption_ids(ids)
     assert cid[3] == cid[1]
     assert len(set(cid.tolist())) == len({tuple(r.tolist()) for r in ids})   # distinct words, distinct ids
     ctx = StepContext.standalone(model, "pretrain", TrainConfig(device="cpu", progress=False))

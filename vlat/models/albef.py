@@ -297,11 +297,6 @@ class AlbefModel(VLModel):
         self.updates += 1
         self.num_updates += 1
 
-    @staticmethod
-    def caption_ids(input_ids: torch.Tensor) -> torch.Tensor:
-        """An integer id per caption (:func:`vlat.models.base.caption_ids`)."""
-        return caption_ids(input_ids)
-
     def _check_queue(self, B: int) -> None:
         Q = self.config.queue_size
         if Q % B:
@@ -334,7 +329,7 @@ class AlbefModel(VLModel):
             txt_m, _ = self.text_features(ids, am, momentum=True)
             image_all = torch.cat([img_m, self.image_queue])                 # [B + Q, P] (a copy: the queue may move)
             text_all = torch.cat([txt_m, self.text_queue])
-        idx = self.caption_ids(ids)
+        idx = caption_ids(ids)
         same = None
         if self.config.same_caption_positives:
             same = idx[:, None] == torch.cat([idx, self.idx_queue])[None, :]     # [B, B + Q], diagonal set
