@@ -122,6 +122,16 @@ def mlm_loss(logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.T
     return (1 - alpha) * hard + alpha * soft
 
 
+def mpm_targets(groups: torch.Tensor, eps: float = 0.02) -> torch.Tensor:
+    """MPM-NCE's soft targets ``[B, B]``: ``(1 - ε)/|P(i)|`` on row ``i``'s positives (same group, itself
+    included), ``ε/(B - |P(i)|)`` on the rest; a row with no negatives keeps all its mass on the positives."""
+    pos = groups[:, None] == groups[None, :]
+    n_pos = pos.sum(1, keepdim=True).float()
+    n_neg = (~pos).sum(1, keepdim=True).float()
+    smooth = torch.where(n_neg > 0, torch.full_like(n_pos, eps), torch.zeros_like(n_pos))
+    return torch.where(pos, (1 - smooth) / n_pos, smooth / n_neg.clamp_min(1))
+
+
 def mpm_nce(image: torch.Tensor, text: torch.Tensor, groups: torch.Tensor, temp: float = 0.01, eps: float = 0.02,
             margin: float = 0.05) -> torch.Tensor:
     """R-Adapter's multi-positive margin NCE (METHODS.md §10) over a batch of ``B`` image-text pairs.
@@ -140,10 +150,7 @@ def mpm_nce(image: torch.Tensor, text: torch.Tensor, groups: torch.Tensor, temp:
     A row whose group covers the whole batch has no negatives; its ``ε`` mass then stays on the positives.
     """
     pos = groups[:, None] == groups[None, :]                                  # [B, B], diagonal set
-    n_pos = pos.sum(1, keepdim=True).float()
-    n_neg = (~pos).sum(1, keepdim=True).float()
-    smooth = torch.where(n_neg > 0, torch.full_like(n_pos, eps), torch.zeros_like(n_pos))
-    q = torch.where(pos, (1 - smooth) / n_pos, smooth / n_neg.clamp_min(1))
+    q = mpm_targets(groups, eps)
     cos = image.float() @ text.float().t()
     logits = (cos + margin * (~pos).float()) / temp
     logits_t = (cos.t() + margin * (~pos).float()) / temp                    # pos is symmetric
@@ -159,4 +166,4 @@ def ema_(target: Iterable[torch.Tensor], source: Iterable[torch.Tensor], momentu
 
 
 __all__ = ["distilled_targets", "ema_", "hard_negatives", "itc_loss", "kl_logits", "mask_tokens", "mlm_loss",
-           "mpm_nce", "soft_cross_entropy", "symmetric_kl"]
+           "mpm_nce", "mpm_targets", "soft_cross_entropy", "symmetric_kl"]

@@ -49,7 +49,7 @@ import vlat
 from vlat.evaluate import ood_table
 from vlat.explain import ablation_bars, id_ood_scatter, ood_bars, target_bars
 from vlat.models import load_model
-from vlat.objectives import mpm_nce
+from vlat.objectives import mpm_nce, mpm_targets
 from vlat.robust import adapters_of, add_adapters, merge_adapters, set_alpha, unmerge_adapters, wise_ft
 from vlat.train import TrainConfig, train
 from vlat.world import Collator, WorldDataset, load_tokenizer
@@ -171,10 +171,7 @@ widgets.interact_manual(at_alpha, alpha=widgets.FloatSlider(value=0.5, min=0.0, 
 
 # %%
 groups = torch.tensor([0, 1, 0, 2])                        # images 0 and 2 share a class
-n_pos = (groups[:, None] == groups[None, :]).sum(1, keepdim=True).float()
-pos = groups[:, None] == groups[None, :]
-eps = 0.02
-q = torch.where(pos, (1 - eps) / n_pos, eps / (len(groups) - n_pos))
+q = mpm_targets(groups, eps=0.02)
 target_bars({"InfoNCE target (row 0)": F.one_hot(torch.tensor(0), 4).float(), "MPM-NCE target (row 0)": q[0]},
             ["pair 0", "pair 1", "pair 2", "pair 3"], "what row 0 is asked to predict")
 
