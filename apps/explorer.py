@@ -26,7 +26,8 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr  # noqa: E402
 
-from vlat.explain.pair import EXPLORER_METHODS, MAX_EPS, MAX_STEPS, MODALITIES, explore, load_image  # noqa: E402
+from vlat.explain.pair import (MAX_EPS, MAX_STEPS, MODALITIES, explore, explorer_methods, load_image,  # noqa: E402
+                               steps_help)
 from vlat.explain.views import all_figures  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -162,12 +163,13 @@ def build_app(pairs: list[tuple[str, str]] | None = None) -> gr.Blocks:
             model_choice = gr.Dropdown([*MODELS, HUB_CHOICE], value=next(iter(MODELS)), label="model")
             hub_id = gr.Textbox(label="Hugging Face id or folder (online / local only)",
                                 placeholder="openai/clip-vit-base-patch32")
-            method = gr.Dropdown(list(EXPLORER_METHODS), value="PGD", label="method", elem_id="method")
+            method = gr.Dropdown(list(explorer_methods()), value="PGD", label="method", elem_id="method")
             modality = gr.Radio(list(MODALITIES), value="image", label="perturb")
         with gr.Row():
             eps = gr.Slider(0.01, MAX_EPS, value=0.1, step=0.01, label="ε (fraction of the input's norm)",
                             elem_id="eps")
-            steps = gr.Slider(1, MAX_STEPS, value=10, step=1, label="steps (K; FreeAT replays; YOPO passes)")
+            steps = gr.Slider(1, MAX_STEPS, value=10, step=1, label="steps (K; FreeAT replays; YOPO passes)",
+                              info=steps_help())
             step_size = gr.Number(value=0, label="step size (0: 2.5 ε / steps)", minimum=0)
             go = gr.Button("Perturb", variant="primary", elem_id="run")
         status = gr.Markdown(elem_id="status")

@@ -1,4 +1,4 @@
-"""Cost of each method per training batch, relative to a clean step (METHODS.md §11).
+"""Cost of each method per training batch, relative to a clean step (docs/methods.md#costs).
 
     python benchmarks/methods_cost.py [--model single_stream] [--preset tiny] [--batch 64] [--repeats 10]
 
@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vlat.adversarial import FGM, FGSM, PGD, SMART, YOPO, FreeAT, FreeLB  # noqa: E402
+from vlat.adversarial import registry  # noqa: E402
 from vlat.adversarial.weight_table import WeightTableFGM, WeightTablePGD  # noqa: E402
 from vlat.models import build_model  # noqa: E402
 from vlat.train import StepContext, TrainConfig, clean_step, to_device  # noqa: E402
@@ -30,18 +30,18 @@ K = 3
 
 
 def methods(site: str):
+    """``(name, step)`` for clean training and every registered method, as its explorer preset with K steps
+    at an absolute radius (8/255 L-inf on pixels, 0.05 elsewhere): the pass count depends on K, not ε."""
     pix = site == "pixels"
-    lin = {"norm": "linf", "eps": 8 / 255} if pix else {}
-    return [
-        ("clean", clean_step, 1),
-        ("FGSM", FGSM(sites=(site,), eps=8 / 255 if pix else 0.05), 2),
-        ("FGM", FGM(sites=(site,), **lin), 2),
-        (f"PGD-{K}", PGD(sites=(site,), steps=K, **lin), K + 1),
-        ("FreeAT m=4 (per replay)", FreeAT(sites=(site,), replays=4, **lin), 4),
-        (f"FreeLB-{K}", FreeLB(sites=(site,), steps=K, **lin), K),
-        ("SMART K=1", SMART(sites=(site,)), 3),
-        ("YOPO m=3 n=3", YOPO(sites=(site,), outer=3, inner=3), None),
-    ]
+    eps = 8 / 255 if pix else 0.05
+    rows = [("clean", None, clean_step)]
+    for spec in registry.specs():
+        step = spec.build((site,), eps, K)
+        if pix and "norm" in step.__dataclass_fields__:
+            step.norm = "linf"
+        rows.append((f"{spec.label} ({spec.steps_mean.split(' (')[0]} = {K})" if not spec.steps_mean.startswith("one step")
+                     else spec.label, spec, step))
+    return rows
 
 
 def time_step(step, model, task, batch, device, repeats: int) -> tuple[float, int]:
@@ -98,36 +98,37 @@ def main(argv=None) -> None:
     state = {k: v.clone() for k, v in model.state_dict().items()}
     print(f"{a.model}/{a.preset}, task {task}, site {a.site}, batch {a.batch}, device {device}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"{'method':<26}{'ms/batch':>10}{'ratio':>8}{'passes':>8}{'ratio/passes':>14}{'mem ratio':>11}")
+    print(f"{'method':<34}{'ms/batch':>10}{'ratio':>8}{'passes':>8}{'ratio/passes':>14}{'mem ratio':>11}")
     rows = methods(a.site)
     if a.site == "text":
-        rows += [("weight-table FGM", WeightTableFGM(), 2), (f"weight-table PGD-{K}", WeightTablePGD(steps=K), K + 1)]
+        rows += [("weight-table FGM", None, WeightTableFGM()), (f"weight-table PGD-{K}", None, WeightTablePGD(steps=K))]
     # methods are timed in interleaved rounds: on a shared CPU, slow drifts of the machine then hit all
     # methods alike instead of whichever ran last
     rounds = 3
     samples = {name: [] for name, _, _ in rows}
     peaks = {name: 0 for name, _, _ in rows}
     for _ in range(rounds):
-        for name, step, _ in rows:
+        for name, _, step in rows:
             model.load_state_dict(state)
             t, m = time_step(step, model, task, batch, device, max(1, a.repeats // rounds))
             samples[name].append(t)
             peaks[name] = max(peaks[name], m)
     results = {name: statistics.median(ts) for name, ts in samples.items()}
     base_t, base_m = results["clean"], peaks["clean"]
-    for name, step, passes in rows:
+    frac = layer_one_fraction(model, a.site, batch, base_t, a.repeats)   # a layer-one pass, in clean steps
+    print(f"  (layer one = {frac:.2f} of a clean step)")
+    fixed = {"clean": 1, "weight-table FGM": 2, f"weight-table PGD-{K}": K + 1}
+    for name, spec, step in rows:
         t, m = results[name], peaks[name]
-        if name.startswith("YOPO"):  # m full passes + m*n layer-one passes, each costing `frac` of a pass
-            frac = layer_one_fraction(model, a.site, batch, base_t, a.repeats)
-            passes = round(step.outer + step.outer * step.inner * frac, 2)
-            print(f"{'  (layer one = ' + format(frac, '.2f') + ' of a clean step)':<26}")
+        passes = round(fixed[name] if spec is None else spec.passes(step, frac), 2)
         ratio = t / base_t
         mem = f"{m / base_m:.2f}" if base_m else "-"
         flag = "" if ratio <= 1.15 * passes else "  over target"
-        print(f"{name:<26}{1000 * t:>10.1f}{ratio:>8.2f}{passes:>8}{ratio / passes:>14.2f}{mem:>11}{flag}")
+        print(f"{name:<34}{1000 * t:>10.1f}{ratio:>8.2f}{passes:>8}{ratio / passes:>14.2f}{mem:>11}{flag}")
     if "weight-table FGM" in results:
-        print(f"\nours / weight-table: FGM {results['FGM'] / results['weight-table FGM']:.2f}, "
-              f"PGD-{K} {results[f'PGD-{K}'] / results[f'weight-table PGD-{K}']:.2f} (<= 1 means ours is no slower)")
+        ours = {spec.name: name for name, spec, _ in rows if spec is not None}
+        print(f"\nours / weight-table: FGM {results[ours['fgm']] / results['weight-table FGM']:.2f}, "
+              f"PGD-{K} {results[ours['pgd']] / results[f'weight-table PGD-{K}']:.2f} (<= 1 means ours is no slower)")
 
 
 if __name__ == "__main__":

@@ -50,12 +50,12 @@ ARMS = {
     "zero-shot": None,
     "linear probe": "probe",
     "full fine-tuning": "full",
-    "PEFT: plain adapter r=8": dict(rank=8, drop=0.0, ema=False, alpha=1.0, loss="infonce"),
-    "base adapter": dict(rank=None, drop=0.0, ema=False, alpha=1.0, loss="mpm_nce"),
-    "+ dropping": dict(rank=None, drop=0.2, ema=False, alpha=1.0, loss="mpm_nce"),
-    "+ EMA": dict(rank=None, drop=0.2, ema=True, alpha=1.0, loss="mpm_nce"),
-    "R-Adapter (+ rescaling)": dict(rank=None, drop=0.2, ema=True, alpha=0.5, loss="mpm_nce"),
-    "R-Adapter with InfoNCE": dict(rank=None, drop=0.2, ema=True, alpha=0.5, loss="infonce"),
+    "PEFT: plain adapter r=8": dict(rank=8, drop=0.0, ema=False, alpha=1.0, objective="task"),
+    "base adapter": dict(rank=None, drop=0.0, ema=False, alpha=1.0, objective="mpm_nce"),
+    "+ dropping": dict(rank=None, drop=0.2, ema=False, alpha=1.0, objective="mpm_nce"),
+    "+ EMA": dict(rank=None, drop=0.2, ema=True, alpha=1.0, objective="mpm_nce"),
+    "R-Adapter (+ rescaling)": dict(rank=None, drop=0.2, ema=True, alpha=0.5, objective="mpm_nce"),
+    "R-Adapter with InfoNCE": dict(rank=None, drop=0.2, ema=True, alpha=0.5, objective="task"),
 }
 
 
@@ -68,10 +68,11 @@ def scores(model, a) -> dict:
     return ood_table(model, a.task, a.eval_size, 0, tokenizer=load_tokenizer())     # id, each shift, ood_mean
 
 
-def fine_tune(model, a, seed: int, lr: float) -> float:
+def fine_tune(model, a, seed: int, lr: float, objective: str = "task") -> float:
+    """``objective``: the training loss, the task's own (InfoNCE / cross-entropy) or ``mpm_nce``."""
     data = WorldDataset(a.task, "train", a.train_size, seed)
     cfg = TrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=lr, seed=seed, device=a.device, progress=False,
-                      grad_clip=1.0)
+                      grad_clip=1.0, objective=objective)
     return train(model, a.task, data, cfg, collate_fn=Collator(load_tokenizer(), a.task)).seconds
 
 
@@ -148,10 +149,9 @@ def run(job) -> list[dict]:
             rows.append({"method": f"WiSE-FT α={alpha}", "seed": seed, **scores(mixed, a), "trainable_%": 100 * frac,
                          "time_s": seconds, "peak_MB": 0.0})
     else:
-        model.config.loss = how["loss"]
         adapters = add_adapters(model, rank=how["rank"], drop=how["drop"], ema=a.ema if how["ema"] else 0.0)
         frac = trainable_fraction(model)
-        seconds = fine_tune(model, a, seed, a.adapter_lr)
+        seconds = fine_tune(model, a, seed, a.adapter_lr, how["objective"])
         model.eval()
         for ad in adapters:
             ad.use_ema = how["ema"]

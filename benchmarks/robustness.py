@@ -50,24 +50,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (add_run_options, group_runs, load_runs, machine, print_table, run_all,  # noqa: E402
                     run_and_report, threads_per_job)
 
-from vlat.adversarial import FGM, PGD, SMART, YOPO, FreeAT, FreeLB  # noqa: E402
+from vlat.adversarial import PGD, registry  # noqa: E402
 from vlat.evaluate import accuracy, robust_accuracy  # noqa: E402
 from vlat.models import build_model, load_model, save_model  # noqa: E402
 from vlat.train import TrainConfig, clean_step, to_device, train  # noqa: E402
 from vlat.world import SHIFTS, Collator, WorldDataset, load_tokenizer  # noqa: E402
 
 SITES = ("text", "image")
-# eps, step sizes and init magnitudes are fractions of each site's norm (see the module docstring); YOPO perturbs
-# one site (its layer one is per site): the text, as in its NLP use
-METHODS = {
-    "clean": lambda e: clean_step,
-    "FGM": lambda e: FGM(sites=SITES, eps=e),
-    "PGD-3": lambda e: PGD(sites=SITES, eps=e, step_size=e / 2.5, steps=3),
-    "FreeAT m=4": lambda e: FreeAT(sites=SITES, eps=e, step_size=e, replays=4),
-    "YOPO 3x3": lambda e: YOPO(sites=("text",), eps=e, step_size=e / 2.5, outer=3, inner=3),
-    "FreeLB-3": lambda e: FreeLB(sites=SITES, steps=3, step_size=e / 2.5, init_mag=e / 2, eps=e),
-    "SMART": lambda e: SMART(sites=SITES, norm="linf", eps=e, step_size=e / 2.5, sigma=e / 10),
-}
+CLEAN = "clean"
+
+
+def arms() -> list[str]:
+    """clean, then every registered method by display name (oldest paper first)."""
+    return [CLEAN, *(spec.label for spec in registry.specs())]
+
+
+def method_step(arm: str, steps: int):
+    """The training step of one arm: the method's registered preset (the explorer's) at ε = 1 x each
+    site's calibrated scale, with ``steps`` steps and the shared step rule ``2.5 ε / K``; a one-site
+    method (YOPO) perturbs the text, as in its NLP use."""
+    if arm == CLEAN:
+        return clean_step
+    spec = registry.get(arm)
+    return spec.build(SITES[:1] if spec.single_site else SITES, 1.0, steps)
 
 
 def add_radius_options(ap, what: str) -> None:
@@ -108,10 +113,11 @@ def run(method: str, seed: int, a) -> dict:
     tok = load_tokenizer()
     data = WorldDataset(a.task, "train", a.train_size, seed)
     collate = Collator(tok, a.task)
-    step = METHODS[method](1.0)                       # eps = 1 x each site's calibrated scale
+    step = method_step(method, a.steps)
+    epochs = a.epochs
     if step is not clean_step:
         step.calibrate(model, collate([data[i] for i in range(64)]), a.task, fractions(a, ""))
-    epochs = step.equal_cost_epochs(a.epochs) if isinstance(step, FreeAT) else a.epochs
+        epochs = step.epochs_for(a.epochs)                   # FreeAT: epochs / m, its equal-cost schedule
     cfg = TrainConfig(epochs=epochs, batch_size=a.batch_size, lr=a.lr, seed=seed, device=a.device, progress=False)
     state = train(model, a.task, data, cfg, step_fn=step, collate_fn=collate)
     return {"time_s": state.seconds, **score(model, a, seed)}
@@ -140,14 +146,16 @@ def _run(job):
 
 def settings(a) -> str:
     return (f"single-stream tiny, MLM pre-training {a.pretrain_epochs} epochs, then task {a.task}: {a.epochs} epochs x "
-            f"{a.train_size} scenes, batch {a.batch_size}, {a.seeds} seeds, {a.eval_size} test scenes per column; eps "
+            f"{a.train_size} scenes, batch {a.batch_size}, {a.seeds} seeds, {a.eval_size} test scenes per column; "
+            f"registered presets with K = {a.steps}, step 2.5 eps / K; eps "
             f"as fractions of each site's norm: train text {a.text_eps} / image {a.image_eps}, PGD-10 L2 text "
             f"{a.attack_text_eps} / image {a.attack_image_eps}; {machine(a)}")
 
 
 def table(runs: list[dict]) -> None:
     rows = group_runs(runs)
-    print_table({m: rows[m] for m in METHODS if m in rows})
+    order = [m for m in arms() if m in rows] + [m for m in rows if m not in arms()]   # older reports' arm names too
+    print_table({m: rows[m] for m in order})
 
 
 def main(argv=None) -> None:
@@ -161,7 +169,8 @@ def main(argv=None) -> None:
     ap.add_argument("--eval-size", type=int, default=500, help="test scenes per column")
     ap.add_argument("--seeds", type=int, default=3, help="seeds per method")
     add_radius_options(ap, "training radius")
-    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
+    ap.add_argument("--steps", type=int, default=3, help="each method's steps K (FreeAT replays, YOPO full passes)")
+    ap.add_argument("--methods", default=",".join(arms()), help="comma-separated subset")
     ap.add_argument("--cache", default=str(Path.home() / ".cache" / "vlat" / "robustness"),
                     help="folder for the per-seed pre-trained weights")
     add_run_options(ap)
@@ -171,9 +180,9 @@ def main(argv=None) -> None:
     if a.fast:
         a.pretrain_epochs, a.epochs, a.train_size, a.eval_size, a.seeds = 1, 1, 128, 64, 1
     methods = a.methods.split(",")
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in arms()]
     if unknown:
-        ap.error(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+        ap.error(f"unknown method(s) {unknown}; choose from {', '.join(arms())}")
     a.threads = threads_per_job(a.jobs)
     t0 = time.perf_counter()
     if a.jobs > 1:  # pre-train each seed once, in parallel, before the runs that start from it

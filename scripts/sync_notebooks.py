@@ -19,9 +19,16 @@ def notebook_from_source(src: Path):
 
 
 def main() -> None:
+    import nbformat
+
     for src in sorted((ROOT / "src").glob("*.py")):
         out = ROOT / (src.stem + ".ipynb")
-        jupytext.write(notebook_from_source(src), out, fmt="ipynb")
+        nb = notebook_from_source(src)
+        if out.exists():  # unchanged sources keep their notebook (and its cell ids): diffs show real changes only
+            old = nbformat.read(out, as_version=4)
+            if [(c.cell_type, c.source) for c in old.cells] == [(c.cell_type, c.source) for c in nb.cells]:
+                continue
+        jupytext.write(nb, out, fmt="ipynb")
         print(f"wrote {out.relative_to(ROOT.parent)}")
 
 

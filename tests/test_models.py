@@ -69,13 +69,35 @@ def test_attention_maps(nano):
     b = make_batch("itm")
     out = ss(b, "itm", output_attentions=True)
     T = b["input_ids"].shape[1] + ss.config.num_patches
-    assert len(out.attentions) == ss.config.num_layers
-    assert out.attentions[0].shape == (6, ss.config.num_heads, T, T)
-    assert torch.allclose(out.attentions[0].sum(-1), torch.ones(6, ss.config.num_heads, T), atol=1e-5)
+    assert set(out.attentions) == {"joint"}
+    assert len(out.attentions["joint"]) == ss.config.num_layers
+    assert out.attentions["joint"][0].shape == (6, ss.config.num_heads, T, T)
+    assert torch.allclose(out.attentions["joint"][0].sum(-1), torch.ones(6, ss.config.num_heads, T), atol=1e-5)
     clip = nano("clip")
-    img_attn, txt_attn = clip(make_batch("itc"), "itc", output_attentions=True).attentions
+    att = clip(make_batch("itc"), "itc", output_attentions=True).attentions
     n = (clip.config.image_size // clip.config.patch_size) ** 2 + 1
-    assert img_attn[0].shape == (6, clip.config.num_heads, n, n)
+    assert set(att) == {"image", "text"}
+    assert att["image"][0].shape == (6, clip.config.num_heads, n, n)
+
+
+@pytest.mark.parametrize("name,task", [("single_stream", "itm"), ("clip", "classify"), ("albef", "itm"),
+                                       ("albef", "mlm"), ("albef", "pretrain")])
+def test_every_model_returns_attentions_in_one_format(nano, name, task):
+    """A dict from stream to per-layer [B', heads, queries, keys] probabilities (rows sum to 1), whose B'
+    is the number of rows of the logits; ALBEF used to ignore output_attentions."""
+    model = nano(name)
+    b = make_batch(task)
+    out = model(b, task, output_attentions=True)
+    assert isinstance(out.attentions, dict) and out.attentions
+    rows = out.logits.shape[0]
+    for stream, layers in out.attentions.items():
+        assert isinstance(layers, tuple) and layers, stream
+        for a in layers:
+            assert a.dim() == 4
+            assert torch.allclose(a.float().sum(-1), torch.ones(a.shape[:-1]), atol=1e-4), stream
+            if stream in ("joint", "cross", "image"):
+                assert a.shape[0] == rows, stream
+    assert model(b, task).attentions is None
 
 
 @pytest.mark.parametrize("name,task", [("single_stream", "itm"), ("clip", "classify")])
@@ -182,3 +204,13 @@ def test_single_stream_from_real_minilm():
     assert out.logits.shape == (2, 2) and torch.isfinite(out.loss)
     sites = model.perturbation_sites()
     assert sites["text"].shape(batch) == (2, enc["input_ids"].shape[1], 384)
+
+
+def test_per_example_losses_are_what_the_task_loss_averages():
+    """TaskOutput.losses (LLR's per-example ℓ) splits the loss of classification and contrastive tasks."""
+    torch.manual_seed(0)
+    for name, task in (("single_stream", "itm"), ("clip", "itc"), ("clip", "classify"), ("albef", "itm")):
+        model = build_model(name, "nano").eval()
+        out = model(make_batch(task), task)
+        assert out.losses.shape == (6,)
+        assert float(out.losses.mean().detach()) == pytest.approx(float(out.loss.detach()), rel=1e-5), (name, task)

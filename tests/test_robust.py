@@ -223,14 +223,15 @@ def test_a_bare_transformers_clip_model_takes_adapters_too():
 
 
 def test_clip_with_mpm_nce_reduces_to_infonce_and_groups_identical_captions():
+    from vlat.objectives import MPMNCE
+
     model = tiny_clip().eval()
     batch = make_batch("itc", n=6)
     assert len({tuple(r.tolist()) for r in batch["input_ids"]}) == 6      # six different captions
     with torch.no_grad():
         infonce = model(batch, "itc")
         scale = float(model.clip.logit_scale.exp().clamp(max=100.0))
-        model.config.loss, model.config.mpm_temp, model.config.mpm_eps, model.config.mpm_margin = "mpm_nce", 1 / scale, 0.0, 0.0
-        mpm = model(batch, "itc")
+        mpm = model(batch, "itc", objective=MPMNCE(temp=1 / scale, eps=0.0, margin=0.0))
         assert mpm.loss.item() == pytest.approx(infonce.loss.item(), rel=1e-5)
         # two identical captions are positives of each other: the model passes caption groups [0, 0, 2, ...]
         ids = batch["input_ids"].clone()
@@ -238,13 +239,12 @@ def test_clip_with_mpm_nce_reduces_to_infonce_and_groups_identical_captions():
         am = batch["attention_mask"].clone()
         am[1] = am[0]
         dup = {**batch, "input_ids": ids, "attention_mask": am}
-        model.config.mpm_margin = 0.2
-        got = model(dup, "itc").loss
+        obj = MPMNCE(temp=1 / scale, eps=0.0, margin=0.2)
+        got = model(dup, "itc", objective=obj).loss
         img, _ = model.image_features(dup["pixel_values"])
         txt, _ = model.text_features(ids, am)
-        c = model.config
-        grouped = mpm_nce(img, txt, torch.tensor([0, 0, 2, 3, 4, 5]), c.mpm_temp, c.mpm_eps, c.mpm_margin)
-        apart = mpm_nce(img, txt, torch.arange(6), c.mpm_temp, c.mpm_eps, c.mpm_margin)
+        grouped = mpm_nce(img, txt, torch.tensor([0, 0, 2, 3, 4, 5]), obj.temp, obj.eps, obj.margin)
+        apart = mpm_nce(img, txt, torch.arange(6), obj.temp, obj.eps, obj.margin)
     assert got.item() == pytest.approx(grouped.item(), rel=1e-6)
     assert grouped.item() < apart.item()                  # the copy gets no margin against its twin
 
@@ -253,17 +253,55 @@ def test_clip_classify_with_mpm_nce_trains_and_the_loop_updates_the_adapter_ema(
     from vlat.train import StepContext, TrainConfig, clean_step
 
     torch.manual_seed(0)
-    model = build_model("clip", "nano", loss="mpm_nce").train()
+    model = build_model("clip", "nano").train()
     adapters = add_adapters(model, drop=0.0, ema=0.9)
-    ctx = StepContext.standalone(model, "classify", TrainConfig(device="cpu", progress=False, lr=1e-2, grad_clip=0.0))
+    ctx = StepContext.standalone(model, "classify", TrainConfig(device="cpu", progress=False, lr=1e-2, grad_clip=0.0,
+                                                                objective="mpm_nce"))
+    seen = []
+    orig = model._objective
+    model._objective = lambda objective, *a: (seen.append(objective), orig(objective, *a))[1]
     loss = clean_step(ctx, make_batch("classify", n=6))
     assert torch.isfinite(loss)
+    assert len(seen) == 1 and seen[0].temp == 0.01        # the training configuration chose MPM-NCE
     moved = [ad for ad in adapters if ad.weight.abs().sum() > 0]
     assert moved
     for ad in moved:                                      # one applied update: W̃ = 0.9 · 0 + 0.1 · W
         assert torch.allclose(ad.ema_weight, 0.1 * ad.weight.detach(), atol=1e-7)
-    with pytest.raises(ValueError, match="loss"):
-        build_model("clip", "nano", loss="hinge")
+    with pytest.raises(ValueError, match="objective"):
+        StepContext.standalone(model, "classify", TrainConfig(objective="hinge"))
+    with pytest.raises(ValueError, match="dual encoder"):   # single-stream models train with their task loss
+        StepContext.standalone(build_model("single_stream", "nano"), "itm", TrainConfig(objective="mpm_nce"))
+
+
+def test_models_do_not_import_the_robust_package():
+    """R-Adapters hook into the loop through the model contract (FollowsOptimizer), not the reverse."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "vlat" / "models"
+    for path in root.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+                assert not any(n.startswith("vlat.robust") for n in names), path.name
+
+
+def test_old_clip_checkpoints_with_a_loss_field_still_load(tmp_path):
+    """Checkpoints written before the objective moved to TrainConfig carry ClipConfig.loss; they load."""
+    import json
+
+    from vlat.checkpoint import read_header, save_tensors
+    from vlat.checkpoint import load_tensors
+    from vlat.models import load_model, save_model
+
+    model = build_model("clip", "nano")
+    path = tmp_path / "new.safetensors"
+    save_model(model, path)
+    meta = json.loads(read_header(path)["vlat"])
+    meta["config"].update(loss="mpm_nce", mpm_temp=0.01, mpm_eps=0.02, mpm_margin=0.05)
+    old = tmp_path / "old.safetensors"
+    save_tensors(load_tensors(path), old, {"vlat": json.dumps(meta)})
+    assert type(load_model(old)).__name__ == "ClipDualEncoder"
 
 
 def test_adapters_on_a_clip_model_loaded_from_a_saved_checkpoint(tmp_path):

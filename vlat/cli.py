@@ -15,7 +15,9 @@ import json
 import sys
 from pathlib import Path
 
-METHOD_NAMES = ("clean", "fgsm", "fgm", "pgd", "freeat", "freelb", "smart", "yopo", "villa")
+from vlat import __version__
+
+CLEAN = "clean"      # plain training, no adversary; every other --method comes from vlat.adversarial.registry
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -24,11 +26,35 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="world and training seed; same seed, same run")
 
 
+def _add_method_options(t: argparse.ArgumentParser) -> None:
+    """--method and every method's options, read from the registry (one flag per option; the help says
+    which methods take it)."""
+    from vlat.adversarial import registry
+
+    g = t.add_argument_group("method", "the adversarial training step and its settings (defaults: the method's "
+                             "own; see docs/methods.md)")
+    lines = "; ".join(f"{s.name} ({s.paper.authors.split(',')[0].split(' &')[0]} {s.paper.year})"
+                      for s in registry.specs())
+    g.add_argument("--method", default=CLEAN, choices=[CLEAN, *registry.names()], metavar="METHOD",
+                   help=f"training step: {CLEAN} or one of {lines}")
+    g.add_argument("--sites", default=None, help="perturbation sites, comma-separated: text, image, pixels "
+                   "(default: the method's own, text for most)")
+    g.add_argument("--norm", default=None, choices=["l2", "linf"], help="norm of the ball (default: the method's)")
+    g.add_argument("--eps", type=float, default=None, help="radius of the ball (default: the method's reference)")
+    g.add_argument("--step-size", type=float, default=None, help="ascent step size eta (default: the method's)")
+    for flag, (opt, takers) in registry.cli_options().items():
+        kw = {"choices": list(opt.choices)} if opt.choices else {"type": opt.type}
+        g.add_argument(flag, default=None, help=f"{opt.help} [{', '.join(s.name for s in takers)}]", **kw)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from vlat.adversarial import registry
+    from vlat.objectives import OBJECTIVES
     from vlat.world.datasets import TASKS
 
     parser = argparse.ArgumentParser(prog="vlat", description="Adversarial and robust training of vision-language "
                                      "models on the built-in toy world (or your own checkpoints).")
+    parser.add_argument("--version", action="version", version=f"vlat {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a model on a toy-world task",
@@ -44,19 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--task", default=None, choices=TASKS,
                    help="what to train on: itm (image-text matching), itc (contrastive), qa, tf (true/false), "
                    "mlm, pretrain (single_stream: MLM + ITM; ALBEF: ITC + ITM + MLM); default: itm for single_stream, itc for clip, pretrain for albef")
-    t.add_argument("--method", default="clean", help=f"training step: {', '.join(METHOD_NAMES)}")
-    t.add_argument("--sites", default=None, help="perturbation sites, comma-separated: text, image, pixels "
-                   "(default: the method's own, text for most)")
-    t.add_argument("--norm", default=None, choices=["l2", "linf"], help="norm of the ball (default: the method's)")
-    t.add_argument("--eps", type=float, default=None, help="radius of the ball (default: the method's reference)")
-    t.add_argument("--step-size", type=float, default=None, help="ascent step size eta (default: the method's)")
-    t.add_argument("--steps", type=int, default=None, help="ascent steps K for pgd / freelb / smart")
-    t.add_argument("--replays", type=int, default=None, help="FreeAT replays m per batch (epochs are divided by m)")
-    t.add_argument("--init-mag", type=float, default=None, help="FreeLB initial delta magnitude")
-    t.add_argument("--reg-weight", type=float, default=None, help="SMART regulariser weight lambda_s")
-    t.add_argument("--modality", default=None, choices=["text", "image", "both", "alternating"],
-                   help="VILLA: which embeddings to perturb (alternating: text and image in separate forwards)")
-    t.add_argument("--kl-weight", type=float, default=None, help="VILLA: weight w of the symmetric-KL term (0 = FreeLB)")
+    _add_method_options(t)
     t.add_argument("--epochs", type=int, default=3, help="passes over the training scenes")
     t.add_argument("--train-size", type=int, default=4000, help="number of training scenes")
     t.add_argument("--batch-size", type=int, default=64, help="examples per optimiser step")
@@ -72,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: at each epoch end)")
     t.add_argument("--out", default="runs/latest", help="output folder")
     t.add_argument("--resume", default=None, help="continue from OUT/last.safetensors of an interrupted run")
+    t.add_argument("--objective", default="task", choices=list(OBJECTIVES),
+                   help="training loss: task (the model's own) or mpm_nce (R-Adapter's multi-positive contrastive "
+                        "loss; clip only)")
     t.add_argument("--model-overrides", default="{}", help='JSON of config fields to change, e.g. \'{"patch_size": 8}\'')
     t.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     _add_common(t)
@@ -84,8 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "single_stream, classify (zero-shot) for clip")
     e.add_argument("--shifts", default="all", help="comma-separated shifts, 'all' or 'none'")
     e.add_argument("--json", default=None, help="also write the table to this JSON file")
-    e.add_argument("--attack", default=None, choices=["pgd", "fgm", "fgsm"],
-                   help="also report robust accuracy under this attack (PGD-K with random start)")
+    e.add_argument("--attack", default=None, choices=registry.names(), metavar="METHOD",
+                   help="also report robust accuracy under this method's inner maximisation: pgd (PGD-K with random "
+                        f"start, the standard) or any of {', '.join(registry.names())}")
     e.add_argument("--site", default="text", help="where the attack perturbs: text, image or pixels")
     e.add_argument("--norm", default=None, choices=["l2", "linf"], help="attack norm (default l2; linf for pixels)")
     e.add_argument("--eps", type=float, default=None, help="attack radius (default 1.0 embeddings, 8/255 pixels)")
@@ -99,66 +117,86 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def method_from_args(a):
-    """The training step named by ``--method``, with only the options the user gave overriding its defaults."""
-    if a.method not in METHOD_NAMES:
-        raise ValueError(f"unknown method {a.method!r}; choose one of {', '.join(METHOD_NAMES)}")
-    if a.method == "clean":
+    """The training step named by ``--method``, with only the options the user gave overriding its
+    defaults; an option of another method, or one out of its range, is refused before any work."""
+    if a.method == CLEAN:
         from vlat.train import clean_step
 
+        given = [f for f, (o, _) in _method_flags().items() if getattr(a, o.dest) is not None]
+        given += [f"--{k.replace('_', '-')}" for k in ("sites", "norm", "eps", "step_size") if getattr(a, k) is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} set(s) an adversarial method; {CLEAN} training has none (pick a --method)")
         return clean_step
-    from vlat.adversarial import METHODS
+    from vlat.adversarial import registry
 
-    cls = METHODS[a.method]
-    given = {"sites": tuple(a.sites.split(",")) if a.sites else None, "norm": a.norm, "eps": a.eps,
-             "step_size": a.step_size, "steps": a.steps, "replays": a.replays, "init_mag": a.init_mag,
-             "weight": a.reg_weight, "modality": a.modality, "kl_weight": a.kl_weight}
-    fields = cls.__dataclass_fields__
-    for k, v in given.items():
-        if v is not None and k not in fields:
-            raise ValueError(f"--{k.replace('_', '-')} does not apply to {a.method}")
-    return cls(**{k: v for k, v in given.items() if v is not None})
+    spec = registry.get(a.method)
+    if a.sites and spec.sites_hint:
+        raise ValueError(f"--sites does not apply to {spec.name}: it picks its sites with {spec.sites_hint}")
+    common = {"sites": tuple(a.sites.split(",")) if a.sites else None, "norm": a.norm, "eps": a.eps,
+              "step_size": a.step_size}
+    kw = {k: v for k, v in common.items() if v is not None}
+    mine = {o.cli: o for o in spec.options}
+    for flag, (opt, _) in _method_flags().items():
+        value = getattr(a, opt.dest)
+        if value is None:
+            continue
+        if flag not in mine:
+            raise ValueError(f"{flag} does not apply to {spec.name}")
+        kw[opt.field] = mine[flag].check(value, spec.name)
+    fields = spec.cls.__dataclass_fields__
+    for k in common:
+        if k in kw and k not in fields:
+            raise ValueError(f"--{k.replace('_', '-')} does not apply to {spec.name}")
+    return spec.cls(**kw)
+
+
+def _method_flags():
+    from vlat.adversarial import registry
+
+    return registry.cli_options()
 
 
 def attack_from_args(a):
-    from vlat.adversarial import METHODS
+    """The evaluation attack of ``vlat eval --attack``: the method's registered preset at the given site,
+    radius, norm, step size (default ε/4) and steps."""
+    from dataclasses import replace
+
+    from vlat.adversarial import registry
 
     pixels = a.site == "pixels"
     eps = a.eps if a.eps is not None else (8 / 255 if pixels else 1.0)
     norm = a.norm or ("linf" if pixels else "l2")
-    kw = {"sites": (a.site,), "norm": norm, "eps": eps}
-    if a.attack == "pgd":
-        kw.update(steps=a.steps, step_size=a.step_size if a.step_size is not None else eps / 4)
-    return METHODS[a.attack](**kw)
+    step = a.step_size if a.step_size is not None else eps / 4
+    return replace(registry.get(a.attack).build((a.site,), eps, a.steps, step), norm=norm)
 
 
 def cmd_train(a) -> int:
     import torch
 
-    from vlat.evaluate import PRIMARY_TASK, evaluate_task, markdown_table, ood_table
-    from vlat.models import build_model, load_model, model_tokenizer, read_metadata, save_model
-    from vlat.train import TrainConfig, train
+    from vlat.evaluate import evaluate_task, markdown_table, ood_table
+    from vlat.models import MODELS, build_model, load_model, model_tokenizer, read_metadata, save_model
+    from vlat.train import TrainConfig, clean_step, train
     from vlat.world import Collator, WorldDataset
 
     if a.init:
         a.model = read_metadata(a.init)["kind"]
-    task = a.task or {"single_stream": "itm", "clip": "itc", "albef": "pretrain"}.get(a.model, "itm")
-    if a.method == "villa" and a.sites:
-        raise ValueError("VILLA picks its sites with --modality text|image|both|alternating, not --sites")
+    if a.model not in MODELS:
+        raise ValueError(f"unknown model {a.model!r}; choose one of {', '.join(MODELS)}")
+    task = a.task or MODELS[a.model][0].default_task
     step = method_from_args(a)
-    if a.method == "freeat":  # equal cost to clean training: N/m epochs of m replays
-        a.epochs = step.equal_cost_epochs(a.epochs)
+    if step is not clean_step:  # equal cost to clean training (FreeAT: N/m epochs of m replays)
+        a.epochs = step.epochs_for(a.epochs)
     torch.manual_seed(a.seed)
     model = load_model(a.init).train() if a.init else build_model(a.model, a.preset, **json.loads(a.model_overrides))
     model.check_task(task)
     data = WorldDataset(task, "train", a.train_size, a.seed, noise_rate=a.noise_rate, image_size=model.config.image_size)
     tok = model_tokenizer(model)
-    if model.kind == "albef":  # α ramps up over the first epoch; the queue needs whole batches
-        model.config.alpha_warmup_steps = max(1, a.train_size // a.batch_size)
-    eval_task = PRIMARY_TASK[model.kind] if (task == "itc" and model.kind == "clip") or task == "pretrain" else task
+    model.prepare_training(max(1, a.train_size // a.batch_size))
+    eval_task = model.score_task(task)
     cfg = TrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, weight_decay=a.weight_decay,
                       warmup_frac=a.warmup, grad_clip=a.grad_clip, seed=a.seed, eval_every=a.eval_every,
                       save_every=a.save_every, amp=a.amp, device=a.device, out_dir=a.out, max_steps=a.max_steps,
-                      progress=not a.no_progress, drop_last=model.kind == "albef")
+                      progress=not a.no_progress, drop_last=model.full_batches, objective=a.objective)
     metric = "TR@1" if eval_task == "itc" else "accuracy"
 
     def eval_fn(m):
@@ -176,13 +214,13 @@ def cmd_train(a) -> int:
 
 
 def cmd_eval(a) -> int:
-    from vlat.evaluate import PRIMARY_TASK, markdown_table, ood_table
+    from vlat.evaluate import markdown_table, ood_table
     from vlat.models import load_model, model_tokenizer
     from vlat.train import resolve_device
     from vlat.world.scenes import SHIFTS
 
     model = load_model(a.checkpoint).to(resolve_device(a.device))
-    task = a.task or PRIMARY_TASK[model.kind]
+    task = a.task or model.primary_task
     if task not in model.tasks and task != "itc":  # retrieval (itc) works for every model
         raise ValueError(f"a {model.kind} model cannot be scored on {task!r}; it supports {', '.join(model.tasks)}")
     shifts = SHIFTS if a.shifts == "all" else () if a.shifts == "none" else tuple(a.shifts.split(","))

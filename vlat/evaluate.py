@@ -24,9 +24,6 @@ from vlat.train import to_device
 from vlat.world.datasets import Collator, WorldDataset, encode_text
 from vlat.world.scenes import SHIFTS
 
-PRIMARY_TASK = {"single_stream": "itm", "clip": "classify", "albef": "itm"}
-
-
 @contextlib.contextmanager
 def evaluating(model: VLModel):
     """Eval mode inside the block, the model's previous mode restored after it."""

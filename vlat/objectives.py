@@ -1,6 +1,6 @@
 """Losses and the masking that feeds them.
 
-KL terms (SMART, VILLA), and ALBEF's losses (METHODS.md §9): image-text contrastive loss against the
+KL terms (SMART, VILLA), and ALBEF's losses (docs/methods.md#albef): image-text contrastive loss against the
 batch and a queue with momentum-distilled soft targets, hard-negative sampling for ITM, MLM with soft
 targets, and the EMA that drives the momentum encoders. MLM masking lives with the tokenizer in
 :mod:`vlat.world.masking` (the collate function applies it, so every inner step of a method sees the
@@ -9,6 +9,7 @@ same masked batch) and is re-exported here.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Iterable
 
 import torch
@@ -134,7 +135,7 @@ def mpm_targets(groups: torch.Tensor, eps: float = 0.02) -> torch.Tensor:
 
 def mpm_nce(image: torch.Tensor, text: torch.Tensor, groups: torch.Tensor, temp: float = 0.01, eps: float = 0.02,
             margin: float = 0.05) -> torch.Tensor:
-    """R-Adapter's multi-positive margin NCE (METHODS.md §10) over a batch of ``B`` image-text pairs.
+    """R-Adapter's multi-positive margin NCE (docs/methods.md#r-adapter) over a batch of ``B`` image-text pairs.
 
     Args:
         image, text: L2-normalised features ``[B, P]`` (row ``i`` of each belongs to pair ``i``).
@@ -157,6 +158,39 @@ def mpm_nce(image: torch.Tensor, text: torch.Tensor, groups: torch.Tensor, temp:
     return 0.5 * (soft_cross_entropy(logits, q) + soft_cross_entropy(logits_t, q))
 
 
+@dataclass(frozen=True)
+class MPMNCE:
+    """MPM-NCE as a *training objective* (:attr:`vlat.train.TrainConfig.objective` = ``"mpm_nce"``):
+    a contrastive model trains with :func:`mpm_nce` instead of its own task loss. The model says which
+    pairs are positives (identical captions for ``itc``, one class for ``classify``); these are the
+    loss's settings (R-Adapter's reference values)."""
+
+    temp: float = 0.01          # fixed temperature τ
+    eps: float = 0.02           # label smoothing ε
+    margin: float = 0.05        # margin δ on the negatives
+
+    def __call__(self, image: torch.Tensor, text: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+        return mpm_nce(image, text, groups, self.temp, self.eps, self.margin)
+
+
+OBJECTIVES = {"task": None, "mpm_nce": MPMNCE}     # "task": the model's own loss for the task
+
+
+def make_objective(name: str, **options):
+    """The training objective named by :attr:`vlat.train.TrainConfig.objective` (``None``: the task's own loss)."""
+    if name not in OBJECTIVES:
+        raise ValueError(f"unknown objective {name!r}; choose one of {', '.join(OBJECTIVES)}")
+    cls = OBJECTIVES[name]
+    if cls is None:
+        if options:
+            raise ValueError(f"the task objective takes no options; got {sorted(options)}")
+        return None
+    unknown = set(options) - set(cls.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"unknown option(s) {sorted(unknown)} for {name}; it takes {', '.join(cls.__dataclass_fields__)}")
+    return cls(**options)
+
+
 @torch.no_grad()
 def ema_(target: Iterable[torch.Tensor], source: Iterable[torch.Tensor], momentum: float) -> None:
     """``θ̃ ← m · θ̃ + (1 - m) · θ`` in place, for matching parameter lists (ALBEF's momentum encoders)."""
@@ -165,5 +199,5 @@ def ema_(target: Iterable[torch.Tensor], source: Iterable[torch.Tensor], momentu
     torch._foreach_add_(target, source, alpha=1.0 - momentum)
 
 
-__all__ = ["distilled_targets", "ema_", "hard_negatives", "itc_loss", "kl_logits", "mask_tokens", "mlm_loss",
+__all__ = ["MPMNCE", "OBJECTIVES", "distilled_targets", "make_objective", "ema_", "hard_negatives", "itc_loss", "kl_logits", "mask_tokens", "mlm_loss",
            "mpm_nce", "mpm_targets", "soft_cross_entropy", "symmetric_kl"]

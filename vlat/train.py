@@ -29,7 +29,7 @@ import contextlib
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -57,6 +57,8 @@ class TrainConfig:
     max_steps: int | None = None    # stop early after this many steps (for tests and smoke runs)
     progress: bool = True           # tqdm progress bar
     drop_last: bool = False         # skip an epoch's last short batch (ALBEF's queue needs equal batches)
+    objective: str = "task"         # the training loss: "task" (the model's own) or "mpm_nce" (contrastive models)
+    objective_options: dict = field(default_factory=dict)   # its settings, e.g. {"temp": 0.01, "margin": 0.05}
 
 
 @dataclass
@@ -93,6 +95,10 @@ class StepContext:
             raise ValueError(f"amp must be auto, off, bf16 or fp16; got {config.amp!r}")
         self.amp_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
         self.scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
+        from vlat.objectives import make_objective
+
+        self.objective = make_objective(config.objective, **config.objective_options)
+        model.check_objective(self.objective)
 
     @classmethod
     def standalone(cls, model: VLModel, task: str, config: TrainConfig | None = None, total_steps: int = 100):
@@ -108,6 +114,9 @@ class StepContext:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def forward(self, batch: dict, task: str | None = None, **kw) -> TaskOutput:
+        """The model's forward under autocast, with the training objective (``config.objective``)."""
+        if self.objective is not None:
+            kw.setdefault("objective", self.objective)
         with self.autocast():
             return self.model(batch, task or self.task, **kw)
 
@@ -233,6 +242,8 @@ def train(model: VLModel, task: str, train_data, config: TrainConfig | None = No
     """
     config = config or TrainConfig()
     model.check_task(task)
+    if not config.drop_last and model.full_batches:
+        config = replace(config, drop_last=True)     # e.g. ALBEF: its queues advance one whole batch per step
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     model.to(device)

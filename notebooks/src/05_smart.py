@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 
 import vlat
-from vlat.adversarial import PGD, SMART
+from vlat.adversarial import PGD, SMART, Frozen
 from vlat.evaluate import compare_training, markdown_table
 from vlat.explain import ood_bars
 from vlat.models import build_model, load_model
@@ -77,7 +77,7 @@ with torch.no_grad():
     clean_logits = model(batch, "itm").logits
 for eps in (1e-4, 1e-3, 1e-2, 1e-1, 1.0):
     smart = SMART(sites=("text",), eps=eps, step_size=eps, sigma=1e-5)
-    reg = smart.regulariser(model, batch, clean_logits, "itm")
+    reg = smart.regulariser(Frozen(model, "itm"), batch, clean_logits)   # Frozen: the model, fixed, on one task
     print(f"eps {eps:7.4f}: symmetric KL = {reg.item():.2e}")
 
 # %% [markdown]
@@ -89,7 +89,7 @@ for eps in (1e-4, 1e-3, 1e-2, 1e-1, 1.0):
 bad = clean_logits.clone()
 bad[0, 0] = float("nan")
 smart = SMART(sites=("text",))
-print("regulariser:", smart.regulariser(model, batch, bad, "itm").item(), " skipped:", smart.skipped)
+print("regulariser:", smart.regulariser(Frozen(model, "itm"), batch, bad).item(), " skipped:", smart.skipped)
 
 # %% [markdown]
 # ## 4 · Training with SMART (and with the Bregman proximal term)

@@ -94,11 +94,11 @@ ood_bars(rows, "with WiSE-FT")
 
 # %%
 radapter = copy.deepcopy(zero_shot)
-radapter.config.loss = "mpm_nce"                       # section 4
 adapters = add_adapters(radapter, rank=None, drop=0.2, ema=0.99)
 trained = sum(p.numel() for p in radapter.parameters() if p.requires_grad)
 print(f"{len(adapters)} adapters; {trained:,} of {sum(p.numel() for p in radapter.parameters()):,} parameters train")
-train(radapter, "classify", data, TrainConfig(epochs=EPOCHS, lr=1e-3, seed=SEED, progress=False), collate_fn=collate)
+train(radapter, "classify", data, TrainConfig(epochs=EPOCHS, lr=1e-3, seed=SEED, progress=False,
+                                              objective="mpm_nce"), collate_fn=collate)   # MPM-NCE: section 4
 
 # %% [markdown]
 # Because the adapter is linear and follows a linear layer, $(I + sW_{adp})(Wx + b)$ folds into one

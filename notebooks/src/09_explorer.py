@@ -50,7 +50,7 @@ from pathlib import Path
 import torch
 
 import vlat
-from vlat.explain.pair import EXPLORER_METHODS, explore
+from vlat.explain.pair import explore, explorer_methods
 from vlat.explain.views import attention_figure, attribution_figure, confidence_figure, perturbation_figure, token_figure
 from vlat.models import load_model, model_tokenizer
 
@@ -112,7 +112,7 @@ attribution_figure(ex)
 
 # %%
 rows = {}
-for m in EXPLORER_METHODS:
+for m in explorer_methods():      # every method in vlat's registry
     e = explore(model, tok, image, caption, m, "image", eps=0.1, steps=STEPS, seed=SEED, attributions=False)
     rows[m] = e.kl["symmetric KL"]
     print(f"{m:7s} symmetric KL {rows[m]:.4f}   {e.prediction[0]} -> {e.prediction[1]}")
@@ -138,7 +138,7 @@ def show(pair, method, modality, eps):
 
 
 widgets.interact_manual(show, pair=widgets.IntSlider(0, 0, len(pairs) - 1, description="pair"),
-                        method=widgets.Dropdown(options=EXPLORER_METHODS, value="PGD"),
+                        method=widgets.Dropdown(options=explorer_methods(), value="PGD"),
                         modality=widgets.Dropdown(options=["image", "text", "both", "pixels"], value="both"),
                         eps=widgets.FloatSlider(value=0.1, min=0.01, max=0.5, step=0.01, description="ε"));
 

@@ -1,6 +1,6 @@
 """Plumbing shared by every method: δ creation, per-example norms, gradient normalisation, projection.
 
-Conventions (METHODS.md): norms of δ and of its gradient are taken **per example over all of its
+Conventions (docs/methods.md#conventions): norms of δ and of its gradient are taken **per example over all of its
 unmasked entries** (``L x D`` for a token site); every δ is multiplied by the site's mask, so padding
 is never perturbed; ``eps <= 0`` means "no projection" (FreeLB's ``max_norm = 0``).
 
@@ -10,6 +10,7 @@ and are broadcast back with :func:`bview`.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Sequence
@@ -155,45 +156,80 @@ class Adversary:
             out[name] = init_delta(shape, mask, init, mag, self.norm, dev, generator)
         return out
 
-    # -- the inner maximisation on a fixed model (the explorer, robust accuracy) ---------------
+    # -- the inner maximisation: one loop for the training step and for attack() -----------------
+    def start(self, model: VLModel, batch: dict, random_start: bool = False, generator=None) -> dict:
+        """δ₀ per site, as the method's own initialisation (:meth:`attack_start`) draws it."""
+        return self.new_deltas(model, batch, *self.attack_start(random_start), generator=generator)
+
     def attack_start(self, random_start: bool) -> tuple[str, float]:
-        """``(init, magnitude)`` of δ₀ for :meth:`attack` (a method's own initialisation)."""
+        """``(init, magnitude)`` of δ₀ (a method's own initialisation; uniform in the ball on request)."""
         return ("uniform", self.eps) if random_start else ("zero", 0.0)
 
     def attack_steps(self) -> int:
         """How many ascent steps the method's inner maximisation takes."""
-        return getattr(self, "steps", 1)
+        return 1
 
-    def attack_objective(self, model: VLModel, batch: dict, task: str, deltas: dict, clean_logits) -> torch.Tensor:
-        """What the inner maximisation ascends: the task loss (SMART: the KL to the clean prediction)."""
-        return forward_with(model, batch, deltas, task).loss
+    needs_clean_logits = False   # the objective compares with the clean prediction (SMART, VILLA, TRADES)
+
+    def clean_reference(self, runner, batch: dict):
+        """What :meth:`objective` compares against on a fixed model: the clean logits, without gradient
+        (``None`` for methods whose objective is the task loss)."""
+        if not self.needs_clean_logits:
+            return None
+        with torch.no_grad():
+            return runner.forward(batch).logits.float()
+
+    def objective(self, runner, batch: dict, deltas: dict, clean=None) -> torch.Tensor:
+        """What the inner maximisation ascends: the task loss at ``x + δ`` (SMART: the KL to the clean
+        prediction; VILLA: the loss plus the symmetric KL)."""
+        return forward_with(runner, batch, deltas).loss
+
+    def maximize(self, runner, batch: dict, deltas: dict, clean=None, grads: dict | None = None,
+                 steps: int | None = None, gradient=None, losses: list | None = None) -> dict:
+        """The method's inner maximisation: ``steps`` (default :meth:`attack_steps`) projected ascent
+        steps on :meth:`objective` from ``deltas``; returns the new δ (leaves that take gradients).
+
+        The training step and :meth:`attack` both run this loop. ``grads``: the objective's gradient at
+        ``deltas`` when the caller already has it (a training step's clean backward yields it for free).
+        ``gradient(loss, deltas)`` turns each step's objective into δ-gradients: by default
+        ``autograd.grad`` w.r.t. δ alone (parameters untouched); a training step that also learns from
+        every step's loss (FreeAT, FreeLB) passes its own backward. A ``None`` from it ends the ascent.
+        ``losses`` collects the objective before each step (a host sync each; off in training).
+        """
+        gradient = gradient or delta_gradients
+        for t in range(self.attack_steps() if steps is None else steps):
+            if grads is None:
+                loss = self.objective(runner, batch, deltas, clean)
+                self.record(t, loss, deltas)
+                if losses is not None:
+                    losses.append(float(loss.detach()))
+                grads = gradient(loss, deltas)
+                if grads is None:
+                    break
+            deltas = self.ascend(runner.model, batch, deltas, grads)
+            grads = None
+        return deltas
 
     def attack(self, model: VLModel, batch: dict, task: str, generator=None, random_start: bool = False,
                return_losses: bool = False):
-        """The method's inner maximisation on a fixed model: ``{site: δ}`` after :meth:`attack_steps`
-        projected ascent steps on :meth:`attack_objective` from :meth:`attack_start`.
-
-        Parameters are never changed and receive no gradient (``autograd.grad`` w.r.t. δ only). With
-        ``return_losses`` also the objective before each step.
-        """
-        init, mag = self.attack_start(random_start)
-        deltas = self.new_deltas(model, batch, init, mag, generator=generator)
-        clean_logits = None
-        if self.needs_clean_logits:
-            with torch.no_grad():
-                clean_logits = model(batch, task).logits.float()
-        losses = []
+        """The method's inner maximisation on a fixed model: ``{site: δ}`` after :meth:`maximize` from
+        :meth:`start`. Parameters are never changed and receive no gradient. With ``return_losses``
+        also the objective before each step."""
+        runner = Frozen(model, task)
+        deltas = self.start(model, batch, random_start, generator)
         self.last_trace = []
-        for t in range(self.attack_steps()):
-            loss = self.attack_objective(model, batch, task, deltas, clean_logits)
-            losses.append(float(loss.detach()))
-            self.record(t, loss, deltas)
-            grads = dict(zip(deltas, torch.autograd.grad(loss, list(deltas.values()))))
-            deltas = self.ascend(model, batch, deltas, grads)
+        losses: list[float] = []
+        deltas = self.maximize(runner, batch, deltas, self.clean_reference(runner, batch), losses=losses)
         deltas = {k: d.detach() for k, d in deltas.items()}
         return (deltas, losses) if return_losses else deltas
 
-    needs_clean_logits = False   # SMART's objective compares with the clean prediction
+    def epochs_for(self, epochs: int) -> int:
+        """Epochs to train for a budget of ``epochs`` clean epochs (FreeAT divides by its replays)."""
+        return epochs
+
+    def step_length(self, site: str) -> float:
+        """The ascent step η at ``site`` (FGM/FGSM: their one step is ε itself)."""
+        return self.scale(site) * self.step_size
 
     def direction(self, site, g: torch.Tensor) -> torch.Tensor:
         """The ascent direction for a site's gradient: ``g/||g||₂`` per example or ``sign(g)``.
@@ -201,16 +237,40 @@ class Adversary:
         return normalize_grad(g, self.norm)
 
     def ascend(self, model: VLModel, batch: dict, deltas: dict, grads: dict) -> dict[str, torch.Tensor]:
-        """One projected ascent step on every δ: ``δ ← Π_ε(δ + η · direction(g) ⊙ m) ⊙ m`` (new leaf tensors)."""
+        """One projected ascent step on every δ: ``δ ← Π_ε(δ + η · direction(g ⊙ m) ⊙ m) ⊙ m`` (new leaf
+        tensors); the gradient is masked before it is normalised, so padding never sets the step."""
         sites = self.resolve_sites(model)
         out = {}
         for name, d in deltas.items():
             m = sites[name].mask(batch).to(d.device)
-            step = self.direction(sites[name], grads[name])
-            s = self.scale(name)
-            new = project(d.detach() + s * self.step_size * step * m, s * self.eps, self.norm) * m
+            step = self.direction(sites[name], grads[name] * m)
+            new = project(d.detach() + self.step_length(name) * step * m, self.scale(name) * self.eps, self.norm) * m
             out[name] = new.requires_grad_(True)
         return out
+
+
+def delta_gradients(loss: torch.Tensor, deltas: dict) -> dict:
+    """``∇_δ loss`` for every δ, parameters untouched (``autograd.grad`` w.r.t. δ alone)."""
+    return dict(zip(deltas, torch.autograd.grad(loss, list(deltas.values()))))
+
+
+class Frozen:
+    """A fixed model as a *runner*: the object every method's loop forwards through.
+
+    A training step runs on a :class:`vlat.train.StepContext` (autocast, loss scaling, optimiser);
+    :meth:`Adversary.attack` runs the same loop on this: the model and the task, plain forwards, no
+    optimiser. Both offer ``model``, ``task``, ``scaler``, ``forward(batch)`` and ``autocast()``."""
+
+    scaler = None
+
+    def __init__(self, model: VLModel, task: str):
+        self.model, self.task = model, task
+
+    def forward(self, batch: dict, task: str | None = None, **kw):
+        return self.model(batch, task or self.task, **kw)
+
+    def autocast(self):
+        return contextlib.nullcontext()
 
 
 class SiteOutputs(dict):
@@ -224,12 +284,12 @@ class SiteOutputs(dict):
         self.calls: dict[str, list[torch.Tensor]] = {}
 
 
-def forward_capturing(ctx_or_model, batch: dict, site_names, task: str | None = None):
+def forward_capturing(runner, batch: dict, site_names):
     """A clean forward that keeps each site's output (with ``retain_grad``), so the backward the step
     needs anyway also yields ``∇_x L`` at every site, with no zero δ to add. Returns ``(out, outputs)``;
-    after ``backward``, :func:`site_grads` reads the site gradients (summed over repeated calls)."""
-    model = getattr(ctx_or_model, "model", ctx_or_model)
-    sites = model.perturbation_sites()
+    after ``backward``, :func:`site_grads` reads the site gradients (summed over repeated calls).
+    ``runner``: a :class:`vlat.train.StepContext` or a :class:`Frozen` model."""
+    sites = runner.model.perturbation_sites()
     outputs, handles = SiteOutputs(), []
 
     def keep(name):
@@ -246,7 +306,7 @@ def forward_capturing(ctx_or_model, batch: dict, site_names, task: str | None = 
     try:
         for name in site_names:
             handles.append(sites[name].module.register_forward_hook(keep(name)))
-        out = forward_with(ctx_or_model, batch, None, task)
+        out = runner.forward(batch)
     finally:
         for h in handles:
             h.remove()
@@ -263,7 +323,7 @@ def site_norms(model: VLModel, batch: dict, task: str, sites=None, norm: str = "
     """
     model_sites = model.perturbation_sites()
     names = tuple(model_sites) if sites is None else tuple(sites)
-    _, outputs = forward_capturing(model, batch, names, task)
+    _, outputs = forward_capturing(Frozen(model, task), batch, names)
     return {n: float(per_example_norm(outputs[n].detach().float() * model_sites[n].mask(batch).to(outputs[n].device), norm).mean())
             for n in names}
 
@@ -275,10 +335,8 @@ def site_grads(outputs: SiteOutputs) -> dict[str, torch.Tensor]:
             for k in outputs}
 
 
-def forward_with(ctx_or_model, batch: dict, deltas: dict | None, task: str | None = None):
-    """Run the task with δ attached (through a :class:`StepContext` for autocast, or a bare model)."""
-    model = getattr(ctx_or_model, "model", ctx_or_model)
-    with perturbed(model, deltas, batch):
-        if hasattr(ctx_or_model, "model"):  # a StepContext: forward under its autocast
-            return ctx_or_model.forward(batch, task)
-        return model(batch, task)
+def forward_with(runner, batch: dict, deltas: dict | None):
+    """Run the runner's task with δ attached (a :class:`vlat.train.StepContext` forwards under its
+    autocast; a :class:`Frozen` model plainly)."""
+    with perturbed(runner.model, deltas, batch):
+        return runner.forward(batch)

@@ -1,12 +1,12 @@
 """FreeAT — Shafahi, Najibi, Ghiasi, Xu, Dickerson, Studer, Davis, Taylor & Goldstein, *Adversarial
-Training for Free!*, NeurIPS 2019.
+Training for Free!*, NeurIPS 2019. https://arxiv.org/abs/1904.12843 · method sheet: docs/methods.md#freeat
 
 Each minibatch is **replayed m times**; every replay is one forward/backward that yields both the
 parameter gradient (an optimiser step per replay) and the input gradient (used to move δ):
 
     for r = 1..m:   L = L(x + δ);  θ ← optimizer_step(∇_θ L);  δ ← Π_ε(δ + ε_step · normalize(∇_δ L))
 
-Run ``epochs / m`` epochs so the total cost equals clean training (METHODS.md §4; the CLI's FreeAT
+Run ``epochs / m`` epochs so the total cost equals clean training (the CLI's FreeAT
 divides ``--epochs`` by ``m`` for you, rounding up).
 
 **δ is reset per batch** (the FreeLB repository's NLP port), not carried across minibatches as in the
@@ -25,9 +25,20 @@ from dataclasses import dataclass
 
 import torch
 
-from vlat.adversarial.base import Adversary, check_number, forward_with
+from vlat.adversarial.base import Adversary, check_number
+from vlat.adversarial.registry import Option, Paper, register
 
 
+@register(
+    name="freeat", label="FreeAT",
+    paper=Paper("Adversarial Training for Free!", "Shafahi, Najibi, Ghiasi, Xu, Dickerson, Studer, Davis, Taylor "
+                "& Goldstein", "NeurIPS", 2019, "https://arxiv.org/abs/1904.12843"),
+    summary="replay each batch m times; every backward updates both the weights and δ (epochs / m)",
+    reference={"replays m": 4, "eps = step": "4/255 on pixels, L-inf", "δ": "carried across minibatches"},
+    options=(Option("replays", "FreeAT replays m per batch (epochs are divided by m)", int, 1, 100),),
+    preset=lambda sites, eps, steps, eta: FreeAT(sites=sites, eps=eps, step_size=min(2 * eta, eps), replays=steps),
+    steps_mean="replays m",
+    passes=lambda m, layer_one: m.replays)
 @dataclass
 class FreeAT(Adversary):
     sites: tuple[str, ...] = ("text",)
@@ -44,20 +55,22 @@ class FreeAT(Adversary):
         """On a fixed model FreeAT's δ makes ``m`` steps of ``ε_step`` from zero, one per replay."""
         return self.replays
 
-    def equal_cost_epochs(self, epochs: int) -> int:
+    def epochs_for(self, epochs: int) -> int:
         """Epochs that make m replays cost what ``epochs`` of clean training cost (rounded up)."""
         return max(1, -(-epochs // self.replays))
 
+    equal_cost_epochs = epochs_for
+
     def __call__(self, ctx, batch) -> torch.Tensor:
-        deltas = self.new_deltas(ctx.model, batch)
-        first = None
-        self.last_trace = []
-        for r in range(self.replays):
-            out = forward_with(ctx, batch, deltas)
-            self.record(r, out.loss, deltas)
-            ctx.backward(out.loss)                                   # θ-grads and δ-grad in one pass
+        losses = []
+
+        def replay(loss, deltas):                                # one replay: θ-grads and δ-grad in one pass
+            ctx.backward(loss)
+            losses.append(loss.detach())
             grads = {k: d.grad for k, d in deltas.items()}
-            ctx.optimizer_step(out.loss)
-            deltas = self.ascend(ctx.model, batch, deltas, grads)
-            first = out.loss.detach() if first is None else first
-        return first
+            ctx.optimizer_step(loss)
+            return grads
+
+        self.last_trace = []
+        self.maximize(ctx, batch, self.start(ctx.model, batch), gradient=replay)   # the attack's loop, m replays
+        return losses[0]

@@ -1,9 +1,9 @@
 """FreeLB — Zhu, Cheng, Gan, Sun, Goldstein & Liu, *FreeLB: Enhanced Adversarial Training for Natural
-Language Understanding*, ICLR 2020.
+Language Understanding*, ICLR 2020. https://arxiv.org/abs/1909.11764 · method sheet: docs/methods.md#freelb
 
 K ascent steps whose parameter gradients are **all kept**: each step's backward of ``L(x + δ_t) / K``
 accumulates onto the parameters (a "virtual K× batch" of adversarial examples), and δ moves between
-steps; one optimiser step per batch (after clipping, by the loop). METHODS.md §6:
+steps; one optimiser step per batch (after clipping, by the loop):
 
     δ₀ = U(-1,1) ⊙ m · init_mag / sqrt(len_i · D)     (L2)   or   U(-init_mag, init_mag) ⊙ m   (L-inf)
     for t = 1..K:   g_t = ∇_δ L(x + δ_{t-1}) / K;   θ-grads += ∇_θ L(x + δ_{t-1}) / K
@@ -25,11 +25,13 @@ from dataclasses import dataclass
 
 import torch
 
-from vlat.adversarial.base import Adversary, check_number, forward_with
+from vlat.adversarial.base import Adversary, check_number
+from vlat.adversarial.registry import Option, Paper, register
 
 
 class SameDropout:
-    """Context manager: every ``replay()`` restores the RNG state captured on entry (CPU and CUDA)."""
+    """Context manager: every ``replay()`` restores the RNG state captured on entry (CPU and CUDA);
+    :meth:`runner` wraps a runner so that every forward through it replays first."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
@@ -44,10 +46,40 @@ class SameDropout:
         if self.cuda:
             torch.cuda.set_rng_state(self.cuda_state)
 
+    def runner(self, runner) -> "Replaying":
+        return Replaying(runner, self)
+
     def __exit__(self, *exc):
         return False
 
 
+class Replaying:
+    """A runner (:class:`vlat.train.StepContext` or :class:`~vlat.adversarial.base.Frozen`) whose every
+    forward runs under the same dropout masks."""
+
+    def __init__(self, runner, same: SameDropout):
+        self.inner, self.same = runner, same
+        self.model, self.task, self.scaler = runner.model, runner.task, runner.scaler
+
+    def forward(self, batch: dict, task: str | None = None, **kw):
+        self.same.replay()
+        return self.inner.forward(batch, task, **kw)
+
+    def autocast(self):
+        return self.inner.autocast()
+
+
+@register(
+    name="freelb", label="FreeLB",
+    paper=Paper("FreeLB: Enhanced Adversarial Training for Natural Language Understanding",
+                "Zhu, Cheng, Gan, Sun, Goldstein & Liu", "ICLR", 2020, "https://arxiv.org/abs/1909.11764"),
+    summary="K ascent steps whose parameter gradients are all kept: a virtual K-times batch",
+    reference={"adv_lr": "0.03-0.2", "init_mag": "0-0.6", "K": "2-4", "max_norm": "mostly 0 (no projection)",
+               "setting": "ALBERT-xxlarge on GLUE"},
+    options=(Option("steps", "ascent steps K", int, 1, 1000),
+             Option("init_mag", "initial delta magnitude (uniform start)", float, 0.0)),
+    preset=lambda sites, eps, steps, eta: FreeLB(sites=sites, eps=eps, step_size=eta, steps=steps, init_mag=eps / 2),
+    passes=lambda m, layer_one: m.steps)
 @dataclass
 class FreeLB(Adversary):
     sites: tuple[str, ...] = ("text",)
@@ -66,19 +98,13 @@ class FreeLB(Adversary):
         return "uniform", self.init_mag
 
     def attack_steps(self) -> int:
-        """On a fixed model: δ₀ then K-1 ascents, i.e. the last δ a training step back-propagates."""
+        """δ₀ then K-1 ascents: the last δ a training step back-propagates."""
         return self.steps - 1
 
-    # -- the pieces of one training step a variant may replace (VILLA: a clean forward, a KL term, fp16 care) --
-    def clean_logits(self, ctx, batch, same: SameDropout):
-        """Logits the step losses compare against, computed once per batch (FreeLB: none)."""
+    # -- the pieces a variant may replace (VILLA: a clean forward, a KL term, fp16 care) -----------------
+    def clean_logits(self, runner, batch):
+        """Logits the step losses compare against, computed once per batch with gradient (FreeLB: none)."""
         return None
-
-    def step_loss(self, ctx, batch, deltas, same: SameDropout, clean=None) -> tuple[torch.Tensor, dict]:
-        """The loss of one ascent step at ``deltas`` (under the replayed dropout masks) and any extra
-        per-step values for the trace."""
-        same.replay()
-        return forward_with(ctx, batch, deltas).loss, {}
 
     def delta_grads(self, ctx, deltas) -> dict | None:
         """The δ-gradients the next ascent follows (``None``: stop ascending for this batch)."""
@@ -86,29 +112,32 @@ class FreeLB(Adversary):
 
     def accumulate(self, ctx, batch) -> tuple[torch.Tensor, dict]:
         """Run the K steps, leaving (1/K)-weighted parameter gradients in ``.grad``; returns the mean loss
-        and the final δ."""
-        deltas = self.new_deltas(ctx.model, batch, "uniform", self.init_mag)
+        and the final δ. The K-1 ascents are :meth:`maximize` (the attack's loop) with a gradient that also
+        back-propagates each step's loss into the parameters; the K-th forward only trains."""
         self.last_trace = []
-        total = 0.0
+        total, stopped = [], []
+        deltas = self.start(ctx.model, batch)            # drawn before the dropout state is captured
         with SameDropout(ctx.device) as same:
-            clean = self.clean_logits(ctx, batch, same)
-            for t in range(self.steps):
-                loss, extra = self.step_loss(ctx, batch, deltas, same, clean)
-                self.record(t, loss, deltas)
-                if self.trace:
-                    self.last_trace[-1].update({k: float(v) for k, v in extra.items()})
-                last = t == self.steps - 1
-                loss = loss / self.steps
-                # θ-grads accumulate over the K steps; a clean graph shared by the steps is kept until the last
-                ctx.backward(loss, retain_graph=clean is not None and not last)
-                total = total + loss.detach()
-                if last:
-                    break
+            run = same.runner(ctx)
+            clean = self.clean_logits(run, batch)
+
+            def learn(loss, deltas):                     # θ-grads accumulate over the K steps
+                loss = loss / self.steps                 # a clean graph shared by the steps is kept until the last
+                ctx.backward(loss, retain_graph=clean is not None)
+                total.append(loss.detach())
                 grads = self.delta_grads(ctx, deltas)
                 if grads is None:
-                    break
-                deltas = self.ascend(ctx.model, batch, deltas, grads)
-        return total, deltas
+                    stopped.append(True)
+                return grads
+
+            deltas = self.maximize(run, batch, deltas, clean, gradient=learn)
+            if not stopped:                              # step K: train on the final δ
+                loss = self.objective(run, batch, deltas, clean)
+                self.record(self.steps - 1, loss, deltas)
+                loss = loss / self.steps
+                ctx.backward(loss)
+                total.append(loss.detach())
+        return sum(total), deltas
 
     def __call__(self, ctx, batch) -> torch.Tensor:
         loss, _ = self.accumulate(ctx, batch)

@@ -1,7 +1,8 @@
 """SMART — Jiang, He, Chen, Liu, Gao & Zhao, *SMART: Robust and Efficient Fine-Tuning for Pre-trained
-Natural Language Models through Principled Regularized Optimization*, ACL 2020.
+Natural Language Models through Principled Regularized Optimization*, ACL 2020. https://arxiv.org/abs/1911.03437 · method sheet:
+docs/methods.md#smart
 
-Smoothness-inducing adversarial regularisation (METHODS.md §7):
+Smoothness-inducing adversarial regularisation:
 
     min_θ  L_task(f(x), y) + λ_s · max_{||δ|| ≤ ε} ℓ_s(f(x + δ), f(x))
     ℓ_s(p, q) = KL(p ‖ q) + KL(q ‖ p)
@@ -29,7 +30,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from vlat.adversarial.base import Adversary, check_number, forward_with
+from vlat.adversarial.base import Adversary, check_number, delta_gradients, forward_with
+from vlat.adversarial.registry import Option, Paper, register
 from vlat.objectives import kl_logits, symmetric_kl
 
 
@@ -42,6 +44,19 @@ def per_token_linf(g: torch.Tensor, site) -> torch.Tensor:
     return scaled.transpose(1, 2).reshape(g.shape)                            # [B, D, N] -> [B, D, h, w]
 
 
+@register(
+    name="smart", label="SMART",
+    paper=Paper("SMART: Robust and Efficient Fine-Tuning for Pre-trained Natural Language Models through Principled "
+                "Regularized Optimization", "Jiang, He, Chen, Liu, Gao & Zhao", "ACL", 2020,
+                "https://arxiv.org/abs/1911.03437"),
+    summary="a smoothness regulariser: the symmetric KL between the prediction at x and at the worst x + δ",
+    reference={"λ_s": 1, "σ (δ₀ noise)": "1e-5", "K": 1, "step": "1e-3 (mt-dnn SmartPerturbation)",
+               "epsilon": "1e-6, a numerical guard, not a radius"},
+    options=(Option("steps", "ascent steps K", int, 1, 1000),
+             Option("weight", "SMART regulariser weight lambda_s", float, 0.0, flag="reg-weight")),
+    preset=lambda sites, eps, steps, eta: SMART(sites=sites, norm="linf", eps=eps, step_size=eta, steps=steps,
+                                                sigma=eps / 10),
+    passes=lambda m, layer_one: m.steps + 2)
 @dataclass
 class SMART(Adversary):
     sites: tuple[str, ...] = ("text",)
@@ -62,19 +77,27 @@ class SMART(Adversary):
         check_number("mu", self.mu, 0.0)
         self._teacher = None
 
-    def regulariser(self, ctx_or_model, batch, clean_logits: torch.Tensor, task: str | None = None) -> torch.Tensor:
-        """``max_δ ℓ_s`` estimated by K ascent steps; returns the symmetric-KL term (0 if non-finite)."""
-        model = getattr(ctx_or_model, "model", ctx_or_model)
-        deltas = self.new_deltas(model, batch, *self.attack_start(False))
-        target = clean_logits.detach()
-        for _ in range(self.steps):
-            g = torch.autograd.grad(self.attack_objective(ctx_or_model, batch, task, deltas, target),
-                                    list(deltas.values()))
-            if not all(bool(torch.isfinite(x.norm())) for x in g):   # NaN/Inf guard
-                self.skipped += 1
-                return clean_logits.new_zeros(())
-            deltas = self.ascend(model, batch, deltas, dict(zip(deltas, g)))
-        adv = forward_with(ctx_or_model, batch, {k: d.detach() for k, d in deltas.items()}, task).logits
+    def attack_steps(self) -> int:
+        return self.steps
+
+    def regulariser(self, runner, batch, clean_logits: torch.Tensor) -> torch.Tensor:
+        """``max_δ ℓ_s`` estimated by :meth:`maximize` (K ascent steps on the KL to the detached clean
+        prediction, the same loop :meth:`attack` runs); returns the symmetric-KL term (0 if the
+        δ-gradient is not finite). ``runner``: a training context or ``Frozen(model, task)``."""
+        finite = []
+
+        def guarded(loss, deltas):                                  # NaN/Inf guard
+            g = delta_gradients(loss, deltas)
+            if not all(bool(torch.isfinite(x.norm())) for x in g.values()):
+                return None
+            finite.append(True)
+            return g
+
+        deltas = self.maximize(runner, batch, self.start(runner.model, batch), clean_logits.detach(), gradient=guarded)
+        if len(finite) < self.steps:
+            self.skipped += 1
+            return clean_logits.new_zeros(())
+        adv = forward_with(runner, batch, {k: d.detach() for k, d in deltas.items()}).logits
         return kl_logits(adv, clean_logits.detach()) + kl_logits(clean_logits, adv.detach())
 
     needs_clean_logits = True
@@ -82,9 +105,9 @@ class SMART(Adversary):
     def attack_start(self, random_start: bool) -> tuple[str, float]:
         return "normal", self.sigma
 
-    def attack_objective(self, ctx_or_model, batch, task, deltas, clean_logits) -> torch.Tensor:
-        """SMART maximises ``KL(f(x+δ) || f(x))`` (no label); :meth:`regulariser` ascends the same."""
-        return kl_logits(forward_with(ctx_or_model, batch, deltas, task).logits, clean_logits)
+    def objective(self, runner, batch, deltas, clean=None) -> torch.Tensor:
+        """SMART maximises ``KL(f(x+δ) || f(x))`` (no label), in training and in ``attack()`` alike."""
+        return kl_logits(forward_with(runner, batch, deltas).logits, clean)
 
     def direction(self, site, g: torch.Tensor) -> torch.Tensor:
         return per_token_linf(g, site)

@@ -1,8 +1,8 @@
 """VILLA — Gan, Chen, Li, Zhu, Cheng & Liu, *Large-Scale Adversarial Training for Vision-and-Language
-Representation Learning*, NeurIPS 2020.
+Representation Learning*, NeurIPS 2020. https://arxiv.org/abs/2006.06195 · method sheet:
+docs/methods.md#villa
 
-Adversarial training in the *embedding* space of both modalities, with FreeLB's "free" inner loop
-(METHODS.md §8):
+Adversarial training in the *embedding* space of both modalities, with FreeLB's "free" inner loop:
 
     min_θ  E[ L_std(θ) + R_at(θ) + w · R_kl(θ) ]
     R_at = max_{‖δ_img‖≤ε} L(f(x_img + δ_img, x_txt), y) + max_{‖δ_txt‖≤ε} L(f(x_img, x_txt + δ_txt), y)
@@ -57,6 +57,7 @@ import torch
 
 from vlat.adversarial.base import check_number, forward_with
 from vlat.adversarial.freelb import FreeLB
+from vlat.adversarial.registry import Option, Paper, register
 from vlat.objectives import symmetric_kl
 
 MODALITIES = ("text", "image", "both", "alternating")
@@ -75,6 +76,24 @@ def task_kl(adv, clean_logits: torch.Tensor, labels: torch.Tensor | None = None)
     return symmetric_kl(adv_logits, clean_logits)
 
 
+@register(
+    name="villa", label="VILLA",
+    paper=Paper("Large-Scale Adversarial Training for Vision-and-Language Representation Learning",
+                "Gan, Chen, Li, Zhu, Cheng & Liu", "NeurIPS", 2020, "https://arxiv.org/abs/2006.06195"),
+    summary="FreeLB's free loop on image and text embeddings plus a symmetric-KL smoothness term",
+    reference={"VQA (text)": "adv_lr 1e-3, K 3, max_norm 0, w 1.5", "VCR (image + text)": "adv_lr 0.01",
+               "δ₀": "zero; clean logits kept with gradient"},
+    options=(Option("steps", "ascent steps K", int, 1, 1000),
+             Option("init_mag", "initial delta magnitude (uniform start)", float, 0.0),
+             Option("modality", "VILLA: which embeddings to perturb (alternating: text and image in separate "
+                    "forwards)", str, choices=MODALITIES),
+             Option("kl_weight", "VILLA: weight w of the symmetric-KL term (0 = FreeLB)", float, 0.0)),
+    # the explorer's VILLA: FreeLB's ascent from δ = 0 on the task loss + 1.5 x the symmetric KL to the clean prediction
+    preset=lambda sites, eps, steps, eta: VILLA(
+        modality="both" if len(sites) > 1 else "text" if sites == ("text",) else "image",
+        image_site=sites[-1] if sites[-1] != "text" else "image", eps=eps, step_size=eta, steps=steps),
+    sites_hint="--modality text|image|both|alternating",
+    passes=lambda m, layer_one: m.steps * len(m.groups) + (m.kl_weight > 0))
 @dataclass
 class VILLA(FreeLB):
     sites: tuple[str, ...] = ()    # derived from modality (text_site, image_site); leave empty
@@ -100,43 +119,53 @@ class VILLA(FreeLB):
         self.sites = derived
         super().__post_init__()
         check_number("kl_weight", self.kl_weight, 0.0)
+        self._kl = None
+
+    def resolve_sites(self, model) -> dict:
+        """The sites, checked against their modality: ``text_site`` must be a text site of the model and
+        ``image_site`` an image one (the site's :attr:`~vlat.models.base.PerturbationSite.modality`)."""
+        sites = super().resolve_sites(model)
+        for name, want in ((self.text_site, "text"), (self.image_site, "image")):
+            if name in sites and sites[name].modality != want:
+                raise ValueError(f"VILLA's {want}_site {name!r} is a {sites[name].modality} site of this model; "
+                                 f"pick a {want} site")
+        return sites
 
     @property
     def groups(self) -> list[tuple[str, ...]]:
         """The site groups perturbed in separate forwards within one ascent step."""
         return [(s,) for s in self.sites] if self.modality == "alternating" else [self.sites]
 
-    # -- on a fixed model (explorer, robust accuracy): the same objective, both sites at once -------------
     @property
     def needs_clean_logits(self) -> bool:
         return self.kl_weight > 0
 
-    def attack_objective(self, model, batch, task, deltas, clean_logits) -> torch.Tensor:
-        out = forward_with(model, batch, deltas, task)
-        if clean_logits is None:
-            return out.loss
-        return out.loss + self.kl_weight * task_kl(out, clean_logits, out.labels)
-
-    # -- the training step: FreeLB's loop (FreeLB.accumulate) with these three pieces -----------------------
-    def clean_logits(self, ctx, batch, same):
-        """The clean prediction, once per batch and **with** gradient (as the reference); none when w = 0."""
-        if self.kl_weight == 0:
-            return None
-        same.replay()
-        return ctx.forward(batch).logits
-
-    def step_loss(self, ctx, batch, deltas, same, clean=None):
-        """Adversarial loss (one forward per site group) + w · symmetric KL to the clean prediction."""
+    def objective(self, runner, batch, deltas, clean=None) -> torch.Tensor:
+        """Adversarial loss (one forward per site group) + w · symmetric KL to the clean prediction; the
+        same objective in training (clean logits with gradient) and in ``attack()`` (without)."""
         loss, kl = 0.0, 0.0
         for group in self.groups:
-            same.replay()
-            out = forward_with(ctx, batch, {k: deltas[k] for k in group})
+            out = forward_with(runner, batch, {k: deltas[k] for k in group})
             loss = loss + out.loss
             if clean is not None:
                 kl = kl + task_kl(out, clean, out.labels)
         if clean is None:
-            return loss, {}
-        return loss + self.kl_weight * kl, {"kl": kl.detach()}
+            self._kl = None
+            return loss
+        self._kl = kl.detach()
+        return loss + self.kl_weight * kl
+
+    def record(self, step, loss, deltas) -> None:
+        super().record(step, loss, deltas)
+        if self.trace and self._kl is not None:
+            self.last_trace[-1]["kl"] = float(self._kl)
+
+    # -- the training step: FreeLB's loop (FreeLB.accumulate) with these two pieces ------------------------
+    def clean_logits(self, runner, batch):
+        """The clean prediction, once per batch and **with** gradient (as the reference); none when w = 0."""
+        if self.kl_weight == 0:
+            return None
+        return runner.forward(batch).logits
 
     def delta_grads(self, ctx, deltas):
         """δ-gradients at true scale (fp16: divided by the loss scale); ``None`` if any is non-finite."""

@@ -2,7 +2,7 @@
 
 The snippet perturbs the **embedding matrix** instead of the embedding output: back up ``E``, add
 ``r = ε · ∇_E L / ||∇_E L||`` to it, run the adversarial pass, restore ``E``. Differences from vlat's
-site-based methods (METHODS.md §1):
+site-based methods (docs/methods.md#where-perturbations-live):
 
 - every occurrence of a token in the batch moves the same way (δ is per vocabulary row, not per
   position), and rows of tokens absent from the batch get no gradient;

@@ -1,5 +1,6 @@
 """YOPO — Zhang, Zhang, Lu, Zhu & Dong, *You Only Propagate Once: Accelerating Adversarial Training via
-Maximal Principle*, NeurIPS 2019.
+Maximal Principle*, NeurIPS 2019. https://arxiv.org/abs/1905.00877 · method sheet:
+docs/methods.md#yopo
 
 Split the network as ``f = g ∘ f₀`` with ``f₀`` = embeddings + the first block ("layer one", declared by
 the model through :meth:`VLModel.layer_one`). For ``j = 1..m`` outer steps:
@@ -12,7 +13,7 @@ the model through :meth:`VLModel.layer_one`). For ``j = 1..m`` outer steps:
 One optimiser step per batch. m full passes buy m·n updates of δ; ``tests/test_methods.py`` counts the
 calls of the last block to check that inner steps never run past layer one.
 
-*Sign convention*: METHODS.md writes ``p = -∂L/∂f₀`` (the paper's Hamiltonian form); ascending
+*Sign convention*: the method sheet (docs/methods.md#yopo) writes ``p = -∂L/∂f₀`` (the paper's Hamiltonian form); ascending
 ``⟨f₀, p⟩`` with that sign would lower the loss. The authors' code negates twice (``H = -⟨f₀, p⟩`` and a
 descent step on ``-H``), which is an ascent on ``⟨f₀, ∂L/∂f₀⟩``; that is what is implemented, with ``p``
 named for the plain gradient.
@@ -24,15 +25,27 @@ Reference (images): ``m = 5, n = 3, σ = 2/255, ε = 8/255``. Cost: m full + m·
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
 
 from vlat.adversarial.base import Adversary, check_number, forward_with
+from vlat.adversarial.registry import Option, Paper, register
 from vlat.models.base import perturbed, run_layer_one
 
 
+@register(
+    name="yopo", label="YOPO",
+    paper=Paper("You Only Propagate Once: Accelerating Adversarial Training via Maximal Principle",
+                "Zhang, Zhang, Lu, Zhu & Dong", "NeurIPS", 2019, "https://arxiv.org/abs/1905.00877"),
+    summary="m full passes give a co-state; n cheap steps of δ through layer one each",
+    reference={"m (full passes)": 5, "n (layer-one steps)": 3, "σ": "2/255", "eps": "8/255, L-inf, pixels"},
+    options=(Option("outer", "YOPO full passes m", int, 1, 100),
+             Option("inner", "YOPO layer-one steps n per full pass", int, 0, 100)),
+    preset=lambda sites, eps, steps, eta: YOPO(sites=sites, norm="l2", eps=eps, step_size=eta, outer=steps, inner=3),
+    steps_mean="full passes m (3 layer-one steps each)",
+    single_site=True,
+    passes=lambda m, layer_one: m.outer + m.outer * m.inner * layer_one)
 @dataclass
 class YOPO(Adversary):
     sites: tuple[str, ...] = ("text",)
@@ -49,10 +62,12 @@ class YOPO(Adversary):
         if len(self.sites) != 1:
             raise ValueError("YOPO perturbs one site at a time (its layer one is per site)")
 
-    def _outer(self, ctx_or_model, batch, deltas, task=None):
+    def attack_steps(self) -> int:
+        return self.outer
+
+    def _outer(self, runner, batch, deltas):
         """One full pass at ``x + δ`` that keeps layer one's output ``f₀`` (for the co-state)."""
-        model = getattr(ctx_or_model, "model", ctx_or_model)
-        block, _ = model.layer_one(self.sites[0])
+        block, _ = runner.model.layer_one(self.sites[0])
         box = {}
 
         def keep(module, args, output):
@@ -63,45 +78,45 @@ class YOPO(Adversary):
 
         h = block.register_forward_hook(keep)
         try:
-            out = forward_with(ctx_or_model, batch, deltas, task)
+            out = forward_with(runner, batch, deltas)
         finally:
             h.remove()
         return out, box["f0"]
 
-    def _inner(self, model, batch, deltas, p, autocast):
+    def _inner(self, runner, batch, deltas, p):
         """``n`` steps of δ through layer one only, with the co-state ``p`` held fixed."""
-        site = self.sites[0]
+        site, model = self.sites[0], runner.model
         for _ in range(self.inner):
-            with perturbed(model, deltas, batch), autocast():
+            with perturbed(model, deltas, batch), runner.autocast():
                 f0 = run_layer_one(model, site, batch)
             g = torch.autograd.grad((f0.float() * p.float()).sum(), [deltas[site]])[0]
             deltas = self.ascend(model, batch, deltas, {site: g})
         return {k: d.detach().requires_grad_(True) for k, d in deltas.items()}
 
-    def attack(self, model, batch, task, generator=None, random_start: bool = False, return_losses: bool = False):
-        """YOPO's inner maximisation on a fixed model: m full passes, each followed by n layer-one steps."""
-        deltas = self.new_deltas(model, batch, *self.attack_start(random_start), generator=generator)
-        losses = []
-        self.last_trace = []
-        for j in range(self.outer):
-            out, f0 = self._outer(model, batch, deltas, task)
-            losses.append(float(out.loss.detach()))
+    def maximize(self, runner, batch, deltas, clean=None, grads=None, steps=None, gradient=None, losses=None):
+        """YOPO's inner maximisation, for training and ``attack()`` alike: m full passes, each giving the
+        co-state ``p = ∂L/∂f₀`` and followed by n layer-one steps. ``gradient(loss, f0)`` returns ``p``
+        (default: ``autograd.grad``, parameters untouched; training back-propagates ``loss / m`` and
+        reads ``f0.grad``)."""
+        for j in range(self.attack_steps() if steps is None else steps):
+            out, f0 = self._outer(runner, batch, deltas)
             self.record(j, out.loss, deltas)
-            p = torch.autograd.grad(out.loss, [f0])[0]
-            deltas = self._inner(model, batch, deltas, p, contextlib.nullcontext)
-        deltas = {k: d.detach() for k, d in deltas.items()}
-        return (deltas, losses) if return_losses else deltas
+            if losses is not None:
+                losses.append(float(out.loss.detach()))
+            p = gradient(out.loss, f0) if gradient else torch.autograd.grad(out.loss, [f0])[0]
+            deltas = self._inner(runner, batch, deltas, p)
+        return deltas
 
     def __call__(self, ctx, batch) -> torch.Tensor:
-        deltas = self.new_deltas(ctx.model, batch)
-        total = 0.0
+        total = []
+
+        def costate(loss, f0):
+            ctx.backward(loss / self.outer)                         # θ-grads accumulate over m passes
+            total.append(loss.detach() / self.outer)
+            return f0.grad.detach()                                 # co-state ∂L/∂f₀
+
         self.last_trace = []
-        for j in range(self.outer):
-            out, f0 = self._outer(ctx, batch, deltas)
-            self.record(j, out.loss, deltas)
-            loss = out.loss / self.outer
-            ctx.backward(loss)                                      # θ-grads accumulate over m passes
-            total = total + loss.detach()
-            deltas = self._inner(ctx.model, batch, deltas, f0.grad.detach(), ctx.autocast)  # co-state ∂L/∂f₀
-        ctx.optimizer_step(total)
-        return total
+        self.maximize(ctx, batch, self.start(ctx.model, batch), gradient=costate)
+        loss = sum(total)
+        ctx.optimizer_step(loss)
+        return loss

@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vlat.adversarial import FGM, FGSM, PGD, SMART, VILLA, YOPO, FreeAT, FreeLB
-from vlat.adversarial.base import forward_capturing
+from vlat.adversarial import registry
+from vlat.adversarial.base import Frozen, forward_capturing
 from vlat.models.base import VLModel, perturbed
 from vlat.objectives import kl_logits
 from vlat.world.captions import class_prompt
@@ -38,7 +38,6 @@ from vlat.world.datasets import encode_text
 from vlat.world.scenes import ALL_PAIRS
 from vlat.world.folder import image_to_tensor
 
-EXPLORER_METHODS = ("FGSM", "FGM", "PGD", "FreeAT", "YOPO", "FreeLB", "SMART", "VILLA")
 MODALITIES = {"image": ("image",), "text": ("text",), "both": ("text", "image"), "pixels": ("pixels",)}
 MAX_SIDE = 4096          # longer uploads are refused (they would only be shrunk to 64 px anyway)
 MAX_EPS = 1.0            # relative radius: at most the site's own norm
@@ -123,13 +122,26 @@ def probe(model: VLModel, tokenizer, image, caption: str, candidates: list[str] 
     return Probe(batch, task, names, tokens, logits)
 
 
+def explorer_methods() -> tuple[str, ...]:
+    """The methods the explorer offers: every registered one, by display name (FGSM, FGM, PGD, ...)."""
+    return tuple(s.label for s in registry.specs())
+
+
+def steps_help() -> str:
+    """What the explorer's "steps" control means for each method, from the registry."""
+    groups: dict[str, list[str]] = {}
+    for s in registry.specs():
+        groups.setdefault(s.steps_mean, []).append(s.label)
+    return "; ".join(f"{', '.join(labels)}: {meaning}" for meaning, labels in groups.items())
+
+
 def build_method(name: str, modality: str = "image", eps: float = 0.1, steps: int = 10,
                  step_size: float | None = None):
-    """A method from the explorer's controls. ``eps`` is relative (a fraction of each site's norm);
-    ``steps`` is K (PGD, FreeLB, SMART, VILLA), m (FreeAT replays) or the outer passes of YOPO (3 layer-one
-    steps each); ``step_size`` defaults to ``2.5 eps / steps`` (Madry et al.'s rule)."""
-    if name not in EXPLORER_METHODS:
-        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(EXPLORER_METHODS)}")
+    """A method from the explorer's controls, through its registered preset
+    (:meth:`vlat.adversarial.registry.MethodSpec.build`). ``eps`` is relative (a fraction of each site's
+    norm); ``steps`` is what the method's ``steps_mean`` says (K, FreeAT's replays, YOPO's full passes);
+    ``step_size`` defaults to :func:`~vlat.adversarial.registry.relative_step` (``2.5 eps / steps``)."""
+    spec = registry.get(name)
     if modality not in MODALITIES:
         raise ValueError(f"unknown modality {modality!r}; choose one of {', '.join(MODALITIES)}")
     for label, v, lo, hi in (("ε", eps, 0.0, MAX_EPS), ("steps", steps, 1, MAX_STEPS)):
@@ -138,24 +150,10 @@ def build_method(name: str, modality: str = "image", eps: float = 0.1, steps: in
     if eps == 0:
         raise ValueError("ε is 0: nothing to perturb; pick ε > 0")
     steps = int(steps)
-    eta = 2.5 * eps / steps if step_size in (None, 0) else float(step_size)
+    eta = registry.relative_step(eps, steps) if step_size in (None, 0) else float(step_size)
     if not 0 < eta <= 10 * MAX_EPS:
         raise ValueError(f"step size must lie in (0, {10 * MAX_EPS}]; got {step_size!r}")
-    sites = MODALITIES[modality]
-    if name == "YOPO" and len(sites) > 1:
-        raise ValueError("YOPO perturbs one site at a time (its layer one is per site): pick image, text or pixels")
-    return {
-        "FGSM": lambda: FGSM(sites=sites, eps=eps),
-        "FGM": lambda: FGM(sites=sites, eps=eps),
-        "PGD": lambda: PGD(sites=sites, eps=eps, step_size=eta, steps=steps),
-        "FreeAT": lambda: FreeAT(sites=sites, eps=eps, step_size=min(eta * 2, eps), replays=steps),
-        "YOPO": lambda: YOPO(sites=sites, norm="l2", eps=eps, step_size=eta, outer=steps, inner=3),
-        "FreeLB": lambda: FreeLB(sites=sites, eps=eps, step_size=eta, steps=steps, init_mag=eps / 2),
-        "SMART": lambda: SMART(sites=sites, norm="linf", eps=eps, step_size=eta, steps=steps, sigma=eps / 10),
-        # VILLA: FreeLB's ascent from δ = 0 on the task loss + 1.5 x the symmetric KL to the clean prediction
-        "VILLA": lambda: VILLA(modality="both" if len(sites) > 1 else "text" if sites == ("text",) else "image",
-                               image_site=sites[-1], eps=eps, step_size=eta, steps=steps),
-    }[name]()
+    return spec.build(MODALITIES[modality], eps, steps, eta)
 
 
 def integrated_gradients(model: VLModel, batch: dict, task: str, target: int, sites=("text", "image"),
@@ -166,7 +164,7 @@ def integrated_gradients(model: VLModel, batch: dict, task: str, target: int, si
     from captum.attr import IntegratedGradients
 
     with torch.no_grad():
-        _, outs = forward_capturing(model, batch, sites, task)
+        _, outs = forward_capturing(Frozen(model, task), batch, sites)
     x = {s: outs[s].detach().float() for s in sites}
 
     def f(*values):                                   # values[i]: [1, *site shape] (one IG step)

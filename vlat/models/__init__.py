@@ -86,6 +86,8 @@ def load_model(path: str | Path, map_location: str = "cpu") -> VLModel:
     for k in ("image_mean", "image_std"):  # JSON turns tuples into lists
         if k in cfg:
             cfg[k] = tuple(cfg[k])
+    for k in cls.retired_config:           # fields older vlat versions wrote (CLIP's training loss)
+        cfg.pop(k, None)
     model = cls(cfg_cls(**cfg))
     state = load_tensors(path, map_location)
     if any(k.startswith("model.") for k in state):  # a resumable training checkpoint: take the weights

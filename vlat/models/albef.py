@@ -8,7 +8,7 @@ Three encoders built from ``transformers`` blocks:
 - **fusion**: the second half of the BERT (``BertLayer`` s with cross-attention from the text tokens to
   the image tokens). The ITM head reads its [CLS]; the MLM head reads every word.
 
-Pre-training (``task="pretrain"``, METHODS.md §9) sums three losses, unweighted:
+Pre-training (``task="pretrain"``, docs/methods.md#albef) sums three losses, unweighted:
 
 - **ITC** against the batch and a queue of the momentum encoders' features (learnable temperature
   clamped to [0.001, 0.5]), with momentum-distilled soft targets ``α softmax(s̃/τ) + (1-α) y``;
@@ -58,7 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlat.models.base import PerturbationSite, TaskOutput, VLModel, caption_ids, full_mask, text_mask
+from vlat.models.base import per_example_ce, PerturbationSite, TaskOutput, VLModel, caption_ids, full_mask, text_mask
 from vlat.objectives import ema_, hard_negatives, itc_loss, mlm_loss
 
 
@@ -118,6 +118,13 @@ class AlbefModel(VLModel):
 
     kind = "albef"
     tasks = ("pretrain", "itc", "itm", "mlm")
+    default_task = "pretrain"
+    primary_task = "itm"
+    full_batches = True                 # the queues advance one whole batch per step
+
+    def prepare_training(self, steps_per_epoch: int) -> None:
+        """α (the distillation weight) ramps up over the first epoch, as in the reference."""
+        self.config.alpha_warmup_steps = max(1, steps_per_epoch)
 
     def __init__(self, config: AlbefConfig, bert: nn.Module | None = None):
         super().__init__()
@@ -296,6 +303,7 @@ class AlbefModel(VLModel):
         self.temp.clamp_(self.config.temp_min, 0.5)
         self.updates += 1
         self.num_updates += 1
+        super().after_optimizer_step()          # submodules that follow the optimiser (adapters), if any
 
     def _check_queue(self, B: int) -> None:
         Q = self.config.queue_size
@@ -305,17 +313,37 @@ class AlbefModel(VLModel):
                              f"is a multiple of {B} (train with drop_last so the last batch is not short)")
 
     # ---- tasks ------------------------------------------------------------------------------------
-    def forward(self, batch: dict, task: str, output_attentions: bool = False) -> TaskOutput:
+    def forward(self, batch: dict, task: str, output_attentions: bool = False, objective=None) -> TaskOutput:
+        """``output_attentions``: the fusion encoder's text-to-image cross-attention of the first fused
+        batch (the rows of ``logits``: the pairs for ``itm``/``mlm``, positives + hard negatives for
+        ``pretrain``), ``{"cross": per-layer [B', heads, L, 1 + N]}``; ``itc`` fuses nothing: ``{}``."""
         self.check_task(task)
+        self.check_objective(objective)
+        if not output_attentions:
+            return self._forward(batch, task)
+        maps, handles = [], []
+        for layer in self.fusion:
+            handles.append(layer.crossattention.self.register_forward_hook(lambda m, a, out: maps.append(out[1])))
+        try:
+            out = self._forward(batch, task)
+        finally:
+            for h in handles:
+                h.remove()
+        out.attentions = {"cross": tuple(maps[:len(self.fusion)])} if maps else {}
+        return out
+
+    def _forward(self, batch: dict, task: str) -> TaskOutput:
         pixels, ids, am = batch["pixel_values"], batch["input_ids"], batch["attention_mask"]
         if task == "itm":  # given pairs, given labels
             image_states = self.encode_image(pixels)
             logits = self.itm_head(self.fuse(self.encode_text(ids, am), am, image_states)[:, 0])
-            return TaskOutput(loss=F.cross_entropy(logits.float(), batch["labels"]), logits=logits, labels=batch["labels"])
+            losses = per_example_ce(logits, batch["labels"])
+            return TaskOutput(loss=losses.mean(), logits=logits, labels=batch["labels"], losses=losses)
         if task == "mlm":
             image_states = self.encode_image(pixels)
             logits = self.mlm_head(self.fuse(self.encode_text(ids, am), am, image_states))
-            return TaskOutput(loss=mlm_loss(logits, batch["mlm_labels"]), logits=logits, labels=batch["mlm_labels"])
+            return TaskOutput(loss=mlm_loss(logits, batch["mlm_labels"]), logits=logits, labels=batch["mlm_labels"],
+                              losses=per_example_ce(logits, batch["mlm_labels"]))
 
         B = pixels.shape[0]
         if self.training:

@@ -7,7 +7,7 @@ A method (FGM, PGD, FreeLB, VILLA, ...) never knows which model it trains. It as
 ``loss`` and ``logits`` come back in a :class:`TaskOutput`; the gradient w.r.t. δ is then ordinary
 autograd. Hooks work on third-party Hugging Face modules too, which is why sites are modules.
 
-Sites (METHODS.md §1):
+Sites (docs/methods.md#where-perturbations-live):
 
 - ``text``: output of the word (token) embedding, before position embeddings, ``[B, L, D]``;
 - ``image``: region/patch features before the image projection (single-stream), or the ViT patch
@@ -30,15 +30,23 @@ class TaskOutput:
     """What a model returns for a batch and a task.
 
     ``logits`` ``[B, C]`` (or ``[B, L, V]`` for MLM); ``loss`` a scalar, averaged over the batch;
-    ``labels`` the targets the loss used; ``attentions`` a tuple of ``[B, heads, T, T]`` per layer when
-    requested (``None`` otherwise).
+    ``labels`` the targets the loss used; ``losses`` each example's loss ``[B]`` where the loss splits
+    into examples (:func:`per_example_ce`). ``attentions`` (when requested with ``output_attentions=True``,
+    ``None`` otherwise), the same format for every model: a dict from each attention stream to a tuple,
+    one ``[B', heads, queries, keys]`` tensor of attention probabilities per layer (rows sum to 1):
+    ``"joint"`` (a single-stream encoder over words and regions), ``"image"`` and ``"text"`` (the
+    towers of a dual encoder), ``"cross"`` (a fusion encoder's text-to-image cross-attention; ``B'``
+    counts the pairs it fused, the rows of ``logits``).
     """
 
     loss: torch.Tensor
     logits: torch.Tensor
     labels: torch.Tensor | None = None
-    attentions: tuple | None = None
+    attentions: dict | None = None
     extras: dict = field(default_factory=dict)
+    losses: torch.Tensor | None = None   # [B] each example's loss (LLR's local linearity is per example); loss
+    #                                      is their mean for classification and contrastive tasks, MLM averages
+    #                                      over all masked tokens instead; None where a loss does not split so
 
 
 @dataclass(frozen=True)
@@ -105,6 +113,14 @@ def perturbed(model: "VLModel", deltas: dict[str, torch.Tensor] | None, batch: d
             h.remove()
 
 
+class FollowsOptimizer(nn.Module):
+    """A submodule with state that follows the weights (an EMA): :meth:`VLModel.after_optimizer_step`
+    calls its ``after_optimizer_step`` once per applied update, whichever model it was added to."""
+
+    def after_optimizer_step(self) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
 class VLModel(nn.Module):
     """Base class of vlat's models: one ``forward(batch, task)`` and named perturbation sites.
 
@@ -114,6 +130,18 @@ class VLModel(nn.Module):
 
     tasks: tuple[str, ...] = ()
     kind: str = ""
+    default_task: str = ""          # what `vlat train` trains when no --task is given
+    primary_task: str = ""          # what `vlat eval` scores when no --task is given
+    full_batches: bool = False      # every training batch must have the same size (ALBEF's queues)
+    retired_config: tuple[str, ...] = ()   # config fields older checkpoints carry that no longer exist
+
+    def score_task(self, task: str) -> str:
+        """The task that measures a model trained on ``task`` (pre-training is scored on the primary task)."""
+        return self.primary_task if task == "pretrain" else task
+
+    def prepare_training(self, steps_per_epoch: int) -> None:
+        """Called once before training with the number of optimiser steps per epoch (ALBEF ramps its
+        distillation weight over the first epoch); most models need nothing."""
 
     def perturbation_sites(self) -> dict[str, PerturbationSite]:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -133,7 +161,11 @@ class VLModel(nn.Module):
     def after_optimizer_step(self) -> None:
         """Called by the training loop after every applied optimiser step (not after skipped ones, and
         not per forward: an adversarial method may run many forwards per step). Models with state that
-        follows the weights (ALBEF's momentum encoders and queues) update it here; others do nothing."""
+        follows the weights (ALBEF's momentum encoders and queues) update it here; submodules that
+        follow the optimiser (:class:`FollowsOptimizer`, e.g. R-Adapters with a weight EMA) are called."""
+        for m in self.modules():
+            if isinstance(m, FollowsOptimizer):
+                m.after_optimizer_step()
 
     def match_scores(self, batch: dict) -> torch.Tensor:
         """ITM log-odds of "match" for each (image, caption) row: the retrieval score of models with an
@@ -145,6 +177,14 @@ class VLModel(nn.Module):
         """What a shipped, inference-only checkpoint holds; models with training-only state (ALBEF's
         momentum copies) leave it out."""
         return self.state_dict()
+
+    takes_objective: bool = False  # trains with another objective than its task loss (contrastive models)
+
+    def check_objective(self, objective) -> None:
+        """Refuse a training objective (``TrainConfig.objective``) this model cannot use."""
+        if objective is not None and not self.takes_objective:
+            raise ValueError(f"{type(self).__name__} trains with its task's own loss; the {type(objective).__name__} "
+                             "objective needs image and text features of a dual encoder (clip)")
 
     def check_task(self, task: str) -> None:
         if task not in self.tasks:
@@ -188,6 +228,16 @@ def run_layer_one(model: "VLModel", site: str, batch: dict) -> torch.Tensor:
     finally:
         h.remove()
     return box["out"]
+
+
+def per_example_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy per example ``[B]``: rows of ``[B, C]`` logits, or the mean over the labelled positions
+    (``labels != -100``) of ``[B, L, V]`` token logits (an example with no label scores 0)."""
+    if logits.dim() == 2:
+        return torch.nn.functional.cross_entropy(logits.float(), labels, reduction="none")
+    ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
+                                           reduction="none").view(labels.shape)
+    return ce.sum(1) / (labels != -100).sum(1).clamp_min(1)
 
 
 _HASH = torch.randint(1, 2**31, (4096,), generator=torch.Generator().manual_seed(0))

@@ -52,10 +52,6 @@ class ClipConfig:
     image_std: tuple = (0.25, 0.25, 0.25)
     tokenizer: str | None = None     # None: the toy world's tokenizer; else a path / hub id
     pretrained: str | None = None    # the checkpoint it was loaded from, if any
-    loss: str = "infonce"            # training loss: infonce (CLIP's) or mpm_nce (R-Adapter's multi-positive)
-    mpm_temp: float = 0.01           # MPM-NCE: fixed temperature τ
-    mpm_eps: float = 0.02            # MPM-NCE: label smoothing ε
-    mpm_margin: float = 0.05         # MPM-NCE: margin δ on the negatives
 
     def to_hf(self):
         from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
@@ -93,13 +89,15 @@ class ClipDualEncoder(VLModel):
 
     kind = "clip"
     tasks = ("itc", "classify")
+    default_task = "itc"
+    primary_task = "classify"          # zero-shot classification over the 24 class prompts
+    takes_objective = True
+    retired_config = ("loss", "mpm_temp", "mpm_eps", "mpm_margin")   # now TrainConfig.objective (older files)
 
     def __init__(self, config: ClipConfig, clip: nn.Module | None = None):
         super().__init__()
         from transformers import CLIPModel
 
-        if config.loss not in ("infonce", "mpm_nce"):
-            raise ValueError(f"unknown loss {config.loss!r}; choose infonce or mpm_nce")
         self.config = config
         self.clip = clip if clip is not None else CLIPModel(config.to_hf())
         self.pixel_input = nn.Identity()  # site "pixels"
@@ -190,28 +188,25 @@ class ClipDualEncoder(VLModel):
         n = self.config.image_size // self.config.patch_size
         return attention_rollout(attn)[:, 0, 1:].reshape(-1, n, n)
 
-    def _mpm_nce(self, batch, task, img, txt, logits) -> TaskOutput:
-        """R-Adapter's loss (:func:`vlat.objectives.mpm_nce`): ``itc`` groups identical captions of the
-        batch; ``classify`` pairs each image with its class prompt, images of one class being positives."""
-        from vlat.objectives import mpm_nce
+    def score_task(self, task: str) -> str:
+        """Contrastive training (``itc``) is scored by zero-shot classification."""
+        return "classify" if task == "itc" else super().score_task(task)
 
-        c = self.config
+    def _objective(self, objective, batch, task, img, txt, logits) -> TaskOutput:
+        """A training objective over image/text features (:class:`vlat.objectives.MPMNCE`): ``itc``
+        groups identical captions of the batch; ``classify`` pairs each image with its class prompt, images
+        of one class being positives (FLYP-style)."""
         if task == "classify":
             labels = batch["labels"]
-            loss = mpm_nce(img, txt[labels], labels, c.mpm_temp, c.mpm_eps, c.mpm_margin)
+            loss = objective(img, txt[labels], labels)
         else:
             labels = torch.arange(logits.shape[0], device=logits.device)
-            loss = mpm_nce(img, txt, caption_ids(batch["input_ids"]), c.mpm_temp, c.mpm_eps, c.mpm_margin)
+            loss = objective(img, txt, caption_ids(batch["input_ids"]))
         return TaskOutput(loss=loss, logits=logits, labels=labels)
 
-    def after_optimizer_step(self) -> None:
-        """R-Adapters (if any were added, :func:`vlat.robust.add_adapters`) update their weight EMA."""
-        from vlat.robust import adapters_of
-
-        for ad in adapters_of(self):
-            ad.update_ema()
-
-    def forward(self, batch: dict, task: str, output_attentions: bool = False) -> TaskOutput:
+    def forward(self, batch: dict, task: str, output_attentions: bool = False, objective=None) -> TaskOutput:
+        """``objective``: a contrastive training objective to use instead of the task's loss (the
+        training loop passes :attr:`vlat.train.TrainConfig.objective`)."""
         self.check_task(task)
         img, img_attn = self.image_features(batch["pixel_values"], output_attentions)
         if task == "classify":
@@ -220,13 +215,15 @@ class ClipDualEncoder(VLModel):
             txt, txt_attn = self.text_features(batch["input_ids"], batch["attention_mask"], output_attentions)
         scale = self.clip.logit_scale.exp().clamp(max=100.0)
         logits = scale * img @ txt.t()                                        # [B, C] or [B, B]
-        if self.config.loss == "mpm_nce":
-            return self._mpm_nce(batch, task, img, txt, logits)
+        if objective is not None:
+            return self._objective(objective, batch, task, img, txt, logits)
         if task == "classify":
             labels = batch["labels"]
-            loss = F.cross_entropy(logits, labels)
-        else:  # symmetric InfoNCE; the i-th caption belongs to the i-th image
+            losses = F.cross_entropy(logits, labels, reduction="none")
+        else:  # symmetric InfoNCE; the i-th caption belongs to the i-th image; example i's share: its row and column
             labels = torch.arange(logits.shape[0], device=logits.device)
-            loss = 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
-        attn = (img_attn, txt_attn) if output_attentions else None
-        return TaskOutput(loss=loss, logits=logits, labels=labels, attentions=attn)
+            losses = 0.5 * (F.cross_entropy(logits, labels, reduction="none") +
+                            F.cross_entropy(logits.t(), labels, reduction="none"))
+        loss = losses.mean()
+        attn = {"image": img_attn, "text": txt_attn} if output_attentions else None
+        return TaskOutput(loss=loss, logits=logits, labels=labels, attentions=attn, losses=losses)

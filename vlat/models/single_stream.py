@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlat.models.base import PerturbationSite, TaskOutput, VLModel, attention_rollout, full_mask, text_mask
+from vlat.models.base import per_example_ce, PerturbationSite, TaskOutput, VLModel, attention_rollout, full_mask, text_mask
 from vlat.world.captions import ANSWERS
 
 
@@ -71,6 +71,8 @@ class SingleStreamModel(VLModel):
 
     kind = "single_stream"
     tasks = ("itm", "tf", "qa", "mlm", "pretrain")
+    default_task = "itm"
+    primary_task = "itm"
 
     def __init__(self, config: SingleStreamConfig, bert: nn.Module | None = None):
         super().__init__()
@@ -161,8 +163,9 @@ class SingleStreamModel(VLModel):
                         token_type_ids=types.expand(B, -1), output_attentions=output_attentions, return_dict=True)
         return out.last_hidden_state, (out.attentions if output_attentions else None), L
 
-    def forward(self, batch: dict, task: str, output_attentions: bool = False) -> TaskOutput:
+    def forward(self, batch: dict, task: str, output_attentions: bool = False, objective=None) -> TaskOutput:
         self.check_task(task)
+        self.check_objective(objective)
         if task == "pretrain":
             return self.pretrain(batch)
         hidden, attn, L = self.encode(batch, output_attentions)
@@ -174,7 +177,8 @@ class SingleStreamModel(VLModel):
             logits = self.heads[task](hidden[:, 0])                           # [B, C]
             labels = batch["labels"]
             loss = F.cross_entropy(logits.float(), labels)
-        return TaskOutput(loss=loss, logits=logits, labels=labels, attentions=attn)
+        return TaskOutput(loss=loss, logits=logits, labels=labels, attentions={"joint": attn} if attn else None,
+                          losses=per_example_ce(logits, labels))
 
     def pretrain(self, batch: dict) -> TaskOutput:
         """UNITER's pre-training in miniature: MLM on the masked caption + ITM with in-batch negatives.

@@ -1,6 +1,6 @@
 """R-Adapter — Kim et al., *Efficient and Versatile Robust Fine-Tuning of Zero-shot Models*, ECCV 2024.
 
-A linear adapter after a linear layer, ``y = W x + b``,  ``z = y + s · W_adp y`` (METHODS.md §10):
+A linear adapter after a linear layer, ``y = W x + b``,  ``z = y + s · W_adp y`` (docs/methods.md#r-adapter):
 
 - no bias and no non-linearity, so it can be **merged** into the layer it follows:
   ``z = (I + s W_adp)(W x + b)``, i.e. ``W_rep = (I + s W_adp) W`` and ``b_rep = (I + s W_adp) b``
@@ -24,8 +24,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from vlat.models.base import FollowsOptimizer
 
-class RAdapter(nn.Module):
+
+class RAdapter(FollowsOptimizer):
     """``Linear`` followed by a re-parameterisable linear adapter (see the module docstring).
 
     Args:
@@ -78,6 +80,10 @@ class RAdapter(nn.Module):
             gate = torch.bernoulli(torch.full((y.shape[0],) + (1,) * (y.dim() - 1), 1 - self.drop, device=y.device))
             branch = branch * gate.to(y.dtype)
         return y + branch
+
+    def after_optimizer_step(self) -> None:
+        """The training loop's call after every applied update (via the model it sits in)."""
+        self.update_ema()
 
     @torch.no_grad()
     def update_ema(self) -> None:
