@@ -45,10 +45,10 @@ from pathlib import Path
 import torch
 
 import vlat
-from vlat.adversarial import PGD, SMART, Frozen
+from vlat.adversarial import LLR, PGD, SMART, Frozen
 from vlat.evaluate import compare_training, markdown_table
 from vlat.explain import ood_bars
-from vlat.models import build_model, load_model
+from vlat.models import build_model, load_model, perturbed
 from vlat.objectives import kl_logits, symmetric_kl
 from vlat.train import TrainConfig
 from vlat.world import Collator, WorldDataset, load_tokenizer
@@ -107,3 +107,37 @@ rows = compare_training({"clean": None,
                         TrainConfig(epochs=EPOCHS, seed=SEED, progress=False))
 print(markdown_table(rows))
 ood_bars({k: {c: v for c, v in r.items() if c != "train s"} for k, r in rows.items()}, "clean vs PGD-10 accuracy")
+
+# %% [markdown]
+# ## 5 · LLR: how far is the loss from its own tangent plane?
+# SMART's seed article names a second regulariser, **local linearity** (Qin et al., NeurIPS 2019). If the
+# loss inside the ball were exactly linear, its worst case would be $\varepsilon\lVert\nabla_x\ell\rVert$
+# and a gradient attack would find it; a bumpy surface hides adversarial examples. LLR measures the gap
+#
+# $$g(\delta; x) = \big|\ell(x+\delta) - \ell(x) - \delta^\top\nabla_x\ell(x)\big|,\qquad
+#   \gamma(\varepsilon, x) = \max_{\lVert\delta\rVert\le\varepsilon} g(\delta; x)$$
+#
+# and trains on $\ell(x) + \lambda\,\gamma(\varepsilon, x) + \mu\,\lvert\delta_\text{LLR}^\top\nabla_x\ell(x)\rvert$.
+# For a smooth loss the gap grows like $\varepsilon^2$ (the second-order term): the last column should
+# stay roughly flat while ε is small.
+
+# %%
+run = Frozen(model, "itm")
+for frac in (0.01, 0.03, 0.1, 0.3):
+    llr = LLR(sites=("text",), norm="l2", eps=frac, step_size=frac / 2, steps=3).calibrate(model, batch, "itm")
+    gap = float(llr.objective(run, batch, llr.attack(model, batch, "itm"), llr.clean_reference(run, batch)).detach())
+    print(f"eps {frac:4.2f} of the caption norm: worst gap γ = {gap:.2e}   γ / eps² = {gap / frac ** 2:.3f}")
+
+# %%
+rows = compare_training({"clean": None,
+                         "LLR λ=4 μ=3": LLR(sites=("text",), norm="l2", eps=0.1, step_size=0.05, steps=3)},
+                        lambda: build_model("single_stream", "tiny"), "itm", data, test, attack,
+                        TrainConfig(epochs=EPOCHS, seed=SEED, progress=False))
+print(markdown_table(rows))
+
+# %% [markdown]
+# **Recap.** SMART and LLR both regularise what happens *inside* the ball instead of training on one
+# adversarial point: SMART keeps the prediction steady, LLR keeps the loss close to linear so that the
+# gradient tells the truth about the worst case. Both are `vlat train --method smart|llr`, and the explorer
+# shows their inner maximisation on one pair.
+
