@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 
 import vlat
-from vlat.adversarial import LLR, PGD, SMART, Frozen
+from vlat.adversarial import LLR, PGD, SMART, TRADES, Frozen
 from vlat.evaluate import compare_training, markdown_table
 from vlat.explain import ood_bars
 from vlat.models import build_model, load_model, perturbed
@@ -128,16 +128,37 @@ for frac in (0.01, 0.03, 0.1, 0.3):
     gap = float(llr.objective(run, batch, llr.attack(model, batch, "itm"), llr.clean_reference(run, batch)).detach())
     print(f"eps {frac:4.2f} of the caption norm: worst gap γ = {gap:.2e}   γ / eps² = {gap / frac ** 2:.3f}")
 
+# %% [markdown]
+# ## 6 · TRADES: the clean loss plus how far the prediction moves
+# TRADES (Zhang et al., ICML 2019) looks like SMART with one KL and a different justification: the robust
+# error is the natural error plus the error *near the decision boundary*, so it trains on
+#
+# $$\mathrm{CE}(f(x), y) + \beta\,\max_{\lVert\delta\rVert\le\varepsilon}\mathrm{KL}\big(p(x)\,\Vert\,p(x+\delta)\big)$$
+#
+# Two details from the authors' code: the attack runs with the model in eval mode, and the clean side of
+# the KL is **not** detached in the outer loss (SMART detaches each side in turn). β trades clean accuracy
+# for robustness; the reference uses β = 6 on CIFAR-10.
+
+# %%
+clean_logits = model(batch, "itm").logits.detach()
+trades = TRADES(sites=("text",), norm="l2", eps=0.1, step_size=0.05, steps=3).calibrate(model, batch, "itm")
+deltas = trades.attack(model, batch, "itm")
+with torch.no_grad(), perturbed(model, deltas, batch):
+    adv_logits = model(batch, "itm").logits
+print(f"KL(p‖p_adv) = {kl_logits(clean_logits, adv_logits):.4f}   KL(p_adv‖p) = {kl_logits(adv_logits, clean_logits):.4f}")
+
 # %%
 rows = compare_training({"clean": None,
+                         "TRADES β=1": TRADES(sites=("text",), norm="l2", eps=0.1, step_size=0.05, steps=3, beta=1.0),
+                         "TRADES β=6": TRADES(sites=("text",), norm="l2", eps=0.1, step_size=0.05, steps=3, beta=6.0),
                          "LLR λ=4 μ=3": LLR(sites=("text",), norm="l2", eps=0.1, step_size=0.05, steps=3)},
                         lambda: build_model("single_stream", "tiny"), "itm", data, test, attack,
                         TrainConfig(epochs=EPOCHS, seed=SEED, progress=False))
 print(markdown_table(rows))
 
 # %% [markdown]
-# **Recap.** SMART and LLR both regularise what happens *inside* the ball instead of training on one
-# adversarial point: SMART keeps the prediction steady, LLR keeps the loss close to linear so that the
-# gradient tells the truth about the worst case. Both are `vlat train --method smart|llr`, and the explorer
-# shows their inner maximisation on one pair.
+# **Recap.** SMART, TRADES and LLR all regularise what happens *inside* the ball instead of training on
+# one adversarial point: SMART and TRADES keep the prediction steady (two-sided vs one-sided KL), LLR keeps
+# the loss close to linear so that the gradient tells the truth about the worst case. All three are
+# `vlat train --method smart|trades|llr`, and the explorer shows their inner maximisation on one pair.
 
