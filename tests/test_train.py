@@ -158,3 +158,22 @@ def test_cli_adversarial_training_and_robust_eval(tmp_path, capsys):
     assert "does not apply to freeat" in capsys.readouterr().err
     assert vlat(["train", "--model", "clip", "--method", "fgm", "--eps", "-1", "--out", str(out)]) == 2
     assert "eps must lie in" in capsys.readouterr().err
+
+
+def test_version_license_and_citation_agree_with_the_package(capsys):
+    """`vlat --version` prints the package version; LICENSE and CITATION.cff match pyproject."""
+    import tomllib
+    from pathlib import Path
+
+    import vlat
+    from vlat.cli import main
+
+    root = Path(__file__).resolve().parents[1]
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"vlat {vlat.__version__}"
+    meta = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    assert meta["version"] == vlat.__version__
+    assert meta["license"]["text"] == "MIT" and (root / "LICENSE").read_text().startswith("MIT License")
+    cff = (root / "CITATION.cff").read_text()
+    assert f"version: {vlat.__version__}" in cff and "license: MIT" in cff

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from vlat.adversarial.base import Adversary, forward_capturing, forward_with, site_grads
-from vlat.adversarial.registry import Option, Paper, register
+from vlat.adversarial.registry import Paper, register
 
 
 @register(
