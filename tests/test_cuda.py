@@ -9,6 +9,8 @@ model's device, and the loop's loss scaler neither skips nor diverges.
 import pytest
 import torch
 
+from vlat.adversarial import registry
+
 from tests.conftest import make_batch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -31,18 +33,16 @@ def cuda_batch(task):
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 @pytest.mark.parametrize("family", list(FAMILIES))
-@pytest.mark.parametrize("method", ["fgsm", "fgm", "pgd", "freeat", "freelb", "smart", "yopo", "villa"])
+@pytest.mark.parametrize("method", registry.names())
 def test_every_method_trains_a_step_under_autocast(method, family, amp):
-    from vlat.adversarial import METHODS, per_example_norm
+    from vlat.adversarial import per_example_norm
     from vlat.train import StepContext, TrainConfig
 
     model, task = cuda_model(family), FAMILIES[family]
     batch = cuda_batch(task)
-    sites = ("text",) if method == "yopo" else ("text", "image")
-    if method == "villa":  # VILLA names its sites by modality; like FreeLB its default ball is unbounded
-        step = METHODS[method](modality="both", eps=1.0, step_size=0.1)
-    else:
-        step = METHODS[method](sites=sites, **({"eps": 1.0} if method == "freelb" else {}))
+    spec = registry.get(method)
+    # every registered method through its preset: text and image (a one-site method: text), ε = 1, K = 2
+    step = spec.build(("text",) if spec.single_site else ("text", "image"), 1.0, 2, 0.1)
     ctx = StepContext.standalone(model, task, TrainConfig(device="cuda", amp=amp, progress=False))
     before = [p.detach().clone() for p in model.parameters()]
     # fp16: the loss scaler starts at 2^16 and skips the steps whose scaled gradients overflow, halving the

@@ -2,16 +2,14 @@
 invariants, in the ball, mask respected, every family trains, live in test_methods.py and run over the
 registry)."""
 
-import copy
-
 import pytest
 import torch
 
-from conftest import make_batch
-from vlat.adversarial import LLR, Frozen, per_example_norm, registry
+from conftest import assert_updates_like_a_clean_step, make_batch
+from vlat.adversarial import LLR, Frozen, per_example_norm
 from vlat.adversarial.llr import linearity_gap
 from vlat.models import TaskOutput, build_model
-from vlat.train import StepContext, TrainConfig, clean_step
+from vlat.train import StepContext, TrainConfig
 
 
 def ctx_for(model, task):
@@ -78,16 +76,7 @@ def test_llr_gap_of_a_linear_loss_is_zero():
 
 
 def test_llr_with_no_regulariser_is_a_clean_step():
-    torch.manual_seed(0)
-    a = build_model("single_stream", "nano").train()
-    b = copy.deepcopy(a)
-    batch = make_batch("itm")
-    torch.manual_seed(1)
-    clean_step(ctx_for(a, "itm"), batch)
-    torch.manual_seed(1)
-    LLR(sites=("text",), eps=0.5, step_size=0.2, steps=2, lam=0.0, mu=0.0)(ctx_for(b, "itm"), batch)
-    for p, q in zip(a.parameters(), b.parameters()):
-        assert torch.allclose(p, q, atol=1e-6)
+    assert_updates_like_a_clean_step(LLR(sites=("text",), eps=0.5, step_size=0.2, steps=2, lam=0.0, mu=0.0))
 
 
 def test_llr_trains_through_the_input_gradient():
@@ -101,14 +90,3 @@ def test_llr_trains_through_the_input_gradient():
     first = (d["text"] * grads["text"]).flatten(1).sum(1).abs().mean()
     g = torch.autograd.grad(first, [p for p in model.parameters() if p.requires_grad], allow_unused=True)
     assert any(x is not None and x.abs().sum() > 0 for x in g)
-
-
-@pytest.mark.parametrize("name", ["llr"])
-def test_registered_and_on_the_command_line(name, capsys):
-    from vlat.cli import main
-
-    spec = registry.get(name)
-    assert spec.paper.url.startswith("https://arxiv.org/abs/")
-    with pytest.raises(SystemExit):
-        main(["train", "--help"])
-    assert name in capsys.readouterr().out

@@ -486,7 +486,7 @@ def test_no_kind_checks_or_method_lists_outside_their_homes():
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    files = [p for d in ("vlat", "apps", "benchmarks", "scripts") for p in (root / d).rglob("*.py")]
+    files = [p for d in ("vlat", "apps", "benchmarks", "scripts", "tests") for p in (root / d).rglob("*.py")]
     files += list((root / "notebooks" / "src").glob("*.py"))
     kind = [p for p in files if "models" not in p.parts and re.search(r"\.kind\s*[!=]=|kind\s*[!=]=\s*[\"'](single_stream|clip|albef)", p.read_text())]
     assert not kind
@@ -500,3 +500,17 @@ def test_no_kind_checks_or_method_lists_outside_their_homes():
             if len({q.lower() for q in quoted} & set(names)) >= 3:
                 lists.append((p.name, m.group(0)[:60]))
     assert not lists
+
+
+@pytest.mark.parametrize("spec", registry.specs(), ids=lambda s: s.name)
+def test_every_registered_method_is_on_the_command_line(spec, capsys):
+    """`vlat train --help` lists it with its paper year, and its options are flags there."""
+    from vlat.cli import main
+
+    assert spec.paper.url.startswith("https://")
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = " ".join(capsys.readouterr().out.split())          # argparse wraps its lines
+    assert f"{spec.name} (" in out and str(spec.paper.year) in out
+    assert all(o.cli in out for o in spec.options)
+
