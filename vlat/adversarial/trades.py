@@ -15,7 +15,7 @@ As in the authors' ``trades.py``:
 - δ₀ ~ ``0.001 · N(0, 1)`` per entry (``sigma``; scaled per site after :meth:`calibrate`);
 - K ascent steps on ``KL(p(x) ‖ p(x + δ))`` with the clean prediction held fixed; L-inf:
   ``δ ← clip(δ + η · sign(g), -ε, ε)`` (L2: ``g / ‖g‖`` and a rescale onto the ball; the reference's L2 branch
-  takes SGD steps of ``2ε/K`` on the normalised gradient, the same step);
+  takes steps of ``2ε/K`` on the normalised gradient: pass ``step_size = 2 * eps / steps`` to match);
 - the inner maximisation runs with the model in **eval mode** (no dropout), the outer loss in train mode;
 - the KL is summed over classes and averaged over the batch (``KLDivLoss(sum) / B``).
 
