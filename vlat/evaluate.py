@@ -135,11 +135,12 @@ def truth_matrix(scenes, claims) -> torch.Tensor:
 
 @torch.no_grad()
 def similarity(model: VLModel, pixels: torch.Tensor, texts: list[str], tokenizer, batch_size: int = 256) -> torch.Tensor:
-    """Image-text scores ``[N_images, N_texts]``: cosine similarity (CLIP) or ITM log-odds (single stream,
-    one joint forward per pair, batched)."""
+    """Image-text scores ``[N_images, N_texts]``: cosine similarity of the models that embed each side alone
+    (``model.feature_scores``: CLIP, ALBEF's ITC) or ITM log-odds (single stream, one joint forward per pair,
+    batched)."""
     device = model.device
     enc = encode_text(tokenizer, texts)
-    if hasattr(model, "image_features"):
+    if model.feature_scores:
         img = torch.cat([model.image_features(pixels[i:i + batch_size].to(device))[0]
                          for i in range(0, len(pixels), batch_size)])
         txt = torch.cat([model.text_features(enc["input_ids"][i:i + batch_size].to(device),

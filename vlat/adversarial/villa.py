@@ -65,11 +65,10 @@ from vlat.objectives import symmetric_kl
 MODALITIES = ("text", "image", "both", "alternating")
 
 
-def task_kl(adv, clean_logits: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-    """``KL(adv ‖ clean) + KL(clean ‖ adv)`` of two task outputs' logits, gradients on both sides.
+def task_kl(adv_logits: torch.Tensor, clean_logits: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """``KL(adv ‖ clean) + KL(clean ‖ adv)`` of attacked and clean task logits, gradients on both sides.
 
     Token logits ``[B, L, V]`` (MLM) are compared at the positions that carry a label only."""
-    adv_logits = adv.logits if hasattr(adv, "logits") else adv
     if adv_logits.dim() == 3 and labels is not None and labels.dim() == 2:
         keep = labels != -100
         adv_logits, clean_logits = adv_logits[keep], clean_logits[keep]
@@ -152,7 +151,7 @@ class VILLA(FreeLB):
             out = forward_with(runner, batch, {k: deltas[k] for k in group})
             loss = loss + out.loss
             if clean is not None:
-                kl = kl + task_kl(out, clean, out.labels)
+                kl = kl + task_kl(out.logits, clean, out.labels)
         if clean is None:
             self._kl = None
             return loss

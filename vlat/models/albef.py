@@ -121,6 +121,7 @@ class AlbefModel(VLModel):
     default_task = "pretrain"
     primary_task = "itm"
     full_batches = True                 # the queues advance one whole batch per step
+    feature_scores = True               # retrieval by ITC cosine (its ITM head re-ranks nothing here)
 
     def prepare_training(self, steps_per_epoch: int) -> None:
         """α (the distillation weight) ramps up over the first epoch, as in the reference."""

@@ -133,6 +133,7 @@ class VLModel(nn.Module):
     default_task: str = ""          # what `vlat train` trains when no --task is given
     primary_task: str = ""          # what `vlat eval` scores when no --task is given
     full_batches: bool = False      # every training batch must have the same size (ALBEF's queues)
+    feature_scores: bool = False    # retrieval scores by cosine of image_features / text_features (CLIP, ALBEF)
     retired_config: tuple[str, ...] = ()   # config fields older checkpoints carry that no longer exist
 
     def score_task(self, task: str) -> str:

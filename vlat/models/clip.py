@@ -92,6 +92,7 @@ class ClipDualEncoder(VLModel):
     default_task = "itc"
     primary_task = "classify"          # zero-shot classification over the 24 class prompts
     takes_objective = True
+    feature_scores = True              # retrieval by cosine of the unimodal features
     retired_config = ("loss", "mpm_temp", "mpm_eps", "mpm_margin")   # now TrainConfig.objective (older files)
 
     def __init__(self, config: ClipConfig, clip: nn.Module | None = None):
