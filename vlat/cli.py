@@ -119,16 +119,17 @@ def build_parser() -> argparse.ArgumentParser:
 def method_from_args(a):
     """The training step named by ``--method``, with only the options the user gave overriding its
     defaults; an option of another method, or one out of its range, is refused before any work."""
+    from vlat.adversarial import registry
+
+    flags = registry.cli_options()
     if a.method == CLEAN:
         from vlat.train import clean_step
 
-        given = [f for f, (o, _) in _method_flags().items() if getattr(a, o.dest) is not None]
+        given = [f for f, (o, _) in flags.items() if getattr(a, o.dest) is not None]
         given += [f"--{k.replace('_', '-')}" for k in ("sites", "norm", "eps", "step_size") if getattr(a, k) is not None]
         if given:
             raise ValueError(f"{', '.join(given)} set(s) an adversarial method; {CLEAN} training has none (pick a --method)")
         return clean_step
-    from vlat.adversarial import registry
-
     spec = registry.get(a.method)
     if a.sites and spec.sites_hint:
         raise ValueError(f"--sites does not apply to {spec.name}: it picks its sites with {spec.sites_hint}")
@@ -136,7 +137,7 @@ def method_from_args(a):
               "step_size": a.step_size}
     kw = {k: v for k, v in common.items() if v is not None}
     mine = {o.cli: o for o in spec.options}
-    for flag, (opt, _) in _method_flags().items():
+    for flag, (opt, _) in flags.items():
         value = getattr(a, opt.dest)
         if value is None:
             continue
@@ -148,12 +149,6 @@ def method_from_args(a):
         if k in kw and k not in fields:
             raise ValueError(f"--{k.replace('_', '-')} does not apply to {spec.name}")
     return spec.cls(**kw)
-
-
-def _method_flags():
-    from vlat.adversarial import registry
-
-    return registry.cli_options()
 
 
 def attack_from_args(a):

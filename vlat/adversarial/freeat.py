@@ -59,8 +59,6 @@ class FreeAT(Adversary):
         """Epochs that make m replays cost what ``epochs`` of clean training cost (rounded up)."""
         return max(1, -(-epochs // self.replays))
 
-    equal_cost_epochs = epochs_for
-
     def __call__(self, ctx, batch) -> torch.Tensor:
         losses = []
 
