@@ -13,27 +13,15 @@ The ``evaluate`` functions take a model in eval mode and never change its parame
 
 from __future__ import annotations
 
-import contextlib
 
 import torch
 from torch.utils.data import DataLoader
 
 import vlat.world.captions as C
-from vlat.models.base import VLModel
+from vlat.models.base import VLModel, evaluating
 from vlat.train import to_device
 from vlat.world.datasets import Collator, WorldDataset, encode_text
 from vlat.world.scenes import SHIFTS
-
-@contextlib.contextmanager
-def evaluating(model: VLModel):
-    """Eval mode inside the block, the model's previous mode restored after it."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
-
 
 def task_batches(model: VLModel, dataset, task: str, tokenizer=None, batch_size: int = 256):
     """Collated batches of ``dataset`` for ``task``, on the model's device."""

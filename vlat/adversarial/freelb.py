@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from vlat.adversarial.base import Adversary, check_number
-from vlat.adversarial.registry import Option, Paper, register
+from vlat.adversarial.registry import INIT_MAG, STEPS, Paper, register
 
 
 class SameDropout:
@@ -76,8 +76,8 @@ class Replaying:
     summary="K ascent steps whose parameter gradients are all kept: a virtual K-times batch",
     reference={"adv_lr": "0.03-0.2", "init_mag": "0-0.6", "K": "2-4", "max_norm": "mostly 0 (no projection)",
                "setting": "ALBERT-xxlarge on GLUE"},
-    options=(Option("steps", "ascent steps K", int, 1, 1000),
-             Option("init_mag", "initial delta magnitude (uniform start)", float, 0.0)),
+    options=(STEPS,
+             INIT_MAG),
     preset=lambda sites, eps, steps, eta: FreeLB(sites=sites, eps=eps, step_size=eta, steps=steps, init_mag=eps / 2),
     passes=lambda m, layer_one: m.steps)
 @dataclass

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from vlat.adversarial.base import Adversary, check_number, forward_with
-from vlat.adversarial.registry import Option, Paper, register
+from vlat.adversarial.registry import STEPS, Option, Paper, register
 
 
 def example_losses(out) -> torch.Tensor:
@@ -66,7 +66,7 @@ def linearity_gap(losses: torch.Tensor, clean_losses: torch.Tensor, deltas: dict
     summary="penalise how far the loss is from its own linear approximation inside the ball",
     reference={"λ": "4.0", "μ": "3.0", "eps": "8/255 L-inf on pixels (CIFAR-10)",
                "code": "none released; implemented from the paper"},
-    options=(Option("steps", "ascent steps K", int, 1, 1000),
+    options=(STEPS,
              Option("lam", "LLR weight lambda of the local-linearity gap", float, 0.0),
              Option("mu", "LLR weight mu of the first-order term |delta . grad|", float, 0.0)),
     preset=lambda sites, eps, steps, eta: LLR(sites=sites, eps=eps, step_size=eta, steps=steps),

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from vlat.adversarial.base import Adversary, check_number, forward_capturing, forward_with, site_grads
-from vlat.adversarial.registry import Option, Paper, register
+from vlat.adversarial.registry import STEPS, Paper, register
 
 
 @register(
@@ -37,7 +37,7 @@ from vlat.adversarial.registry import Option, Paper, register
     summary="K projected ascent steps; train on the last one (the NLP variant keeps the clean gradient too)",
     reference={"pixels": "eps 8/255, step 2/255, 10 steps, random start (torchattacks)",
                "embeddings": "L2, eps 1.0, step 0.3, 3 steps (the NLP snippet)"},
-    options=(Option("steps", "ascent steps K", int, 1, 1000),),
+    options=(STEPS,),
     preset=lambda sites, eps, steps, eta: PGD(sites=sites, eps=eps, step_size=eta, steps=steps),
     passes=lambda m, layer_one: m.steps + 1)
 @dataclass

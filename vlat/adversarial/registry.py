@@ -18,6 +18,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from vlat.adversarial.base import check_number
+
 DOCS = "docs/methods.md"
 
 
@@ -30,9 +32,6 @@ class Paper:
     venue: str
     year: int
     url: str                                     # arXiv (or the proceedings) page
-
-    def cite(self) -> str:
-        return f"{self.authors}, *{self.title}*, {self.venue} {self.year} ({self.url})"
 
 
 @dataclass(frozen=True)
@@ -65,15 +64,15 @@ class Option:
             if value not in self.choices:
                 raise ValueError(f"{self.cli} for {method} must be one of {', '.join(self.choices)}; got {value!r}")
             return value
-        if self.type is int and (not isinstance(value, int) or isinstance(value, bool)):
-            raise ValueError(f"{self.cli} for {method} must be a whole number; got {value!r}")
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"{self.cli} for {method} must be a finite number; got {value!r}")
-        lo = -math.inf if self.low is None else self.low
-        hi = math.inf if self.high is None else self.high
-        if not lo <= value <= hi:
-            raise ValueError(f"{self.cli} for {method} must lie in [{lo:g}, {hi:g}]; got {value!r}")
+        check_number(f"{self.cli} for {method}", value, -math.inf if self.low is None else self.low,
+                     math.inf if self.high is None else self.high, integer=self.type is int)
         return value
+
+
+STEPS = Option("steps", "ascent steps K", int, 1, 1000)                       # shared by the K-step methods
+INIT_MAG = Option("init_mag", "initial delta magnitude (uniform start)", float, 0.0)   # FreeLB and VILLA
 
 
 # A preset builds the method from the explorer's controls: sites, a relative radius eps (a fraction of

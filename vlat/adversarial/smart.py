@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from vlat.adversarial.base import Adversary, check_number, delta_gradients, forward_with
-from vlat.adversarial.registry import Option, Paper, register
+from vlat.adversarial.registry import STEPS, Option, Paper, register
 from vlat.objectives import kl_logits, symmetric_kl
 
 
@@ -52,7 +52,7 @@ def per_token_linf(g: torch.Tensor, site) -> torch.Tensor:
     summary="a smoothness regulariser: the symmetric KL between the prediction at x and at the worst x + δ",
     reference={"λ_s": 1, "σ (δ₀ noise)": "1e-5", "K": 1, "step": "1e-3 (mt-dnn SmartPerturbation)",
                "epsilon": "1e-6, a numerical guard, not a radius"},
-    options=(Option("steps", "ascent steps K", int, 1, 1000),
+    options=(STEPS,
              Option("weight", "SMART regulariser weight lambda_s", float, 0.0, flag="reg-weight")),
     preset=lambda sites, eps, steps, eta: SMART(sites=sites, norm="linf", eps=eps, step_size=eta, steps=steps,
                                                 sigma=eps / 10),

@@ -32,13 +32,13 @@ through both).
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
 
 from vlat.adversarial.base import Adversary, check_number, forward_with
-from vlat.adversarial.registry import Option, Paper, register
+from vlat.adversarial.registry import STEPS, Option, Paper, register
+from vlat.models.base import evaluating
 from vlat.objectives import kl_logits
 
 
@@ -48,17 +48,6 @@ def trades_loss(clean_loss: torch.Tensor, clean_logits: torch.Tensor, adv_logits
     return clean_loss + beta * kl_logits(clean_logits, adv_logits)
 
 
-@contextlib.contextmanager
-def eval_mode(model):
-    """The model in eval mode within the block (the inner maximisation), then back to what it was."""
-    was = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was)
-
-
 @register(
     name="trades", label="TRADES",
     paper=Paper("Theoretically Principled Trade-off between Robustness and Accuracy",
@@ -66,7 +55,7 @@ def eval_mode(model):
     summary="the clean loss plus β times the KL between the prediction at x and at the worst x + δ",
     reference={"CIFAR-10": "eps 0.031, step 0.007, K 10, β 6 (L-inf, pixels)", "MNIST": "eps 0.3, step 0.01, K 40, β 1",
                "δ₀": "0.001 · N(0, 1)", "attack": "model.eval(); KL(p(x) ‖ p(x + δ)), KLDivLoss(sum) / B"},
-    options=(Option("steps", "ascent steps K", int, 1, 1000),
+    options=(STEPS,
              Option("beta", "TRADES weight beta of the KL (robustness) term", float, 0.0)),
     preset=lambda sites, eps, steps, eta: TRADES(sites=sites, eps=eps, step_size=eta, steps=steps, sigma=eps / 100),
     passes=lambda m, layer_one: m.steps + 2)
@@ -100,7 +89,7 @@ class TRADES(Adversary):
 
     def __call__(self, ctx, batch) -> torch.Tensor:
         model = ctx.model
-        with eval_mode(model):                                   # the attack: no dropout, as the reference
+        with evaluating(model):                                  # the attack: no dropout, as the reference
             with torch.no_grad():
                 fixed = ctx.forward(batch).logits.float()
             deltas = self.maximize(ctx, batch, self.start(model, batch), fixed)

@@ -59,7 +59,7 @@ import torch
 
 from vlat.adversarial.base import check_number, forward_with
 from vlat.adversarial.freelb import FreeLB
-from vlat.adversarial.registry import Option, Paper, register
+from vlat.adversarial.registry import INIT_MAG, STEPS, Option, Paper, register
 from vlat.objectives import symmetric_kl
 
 MODALITIES = ("text", "image", "both", "alternating")
@@ -84,8 +84,8 @@ def task_kl(adv_logits: torch.Tensor, clean_logits: torch.Tensor, labels: torch.
     summary="FreeLB's free loop on image and text embeddings plus a symmetric-KL smoothness term",
     reference={"VQA (text)": "adv_lr 1e-3, K 3, max_norm 0, w 1.5", "VCR (image + text)": "adv_lr 0.01",
                "δ₀": "zero; clean logits kept with gradient"},
-    options=(Option("steps", "ascent steps K", int, 1, 1000),
-             Option("init_mag", "initial delta magnitude (uniform start)", float, 0.0),
+    options=(STEPS,
+             INIT_MAG,
              Option("modality", "VILLA: which embeddings to perturb (alternating: text and image in separate "
                     "forwards)", str, choices=MODALITIES),
              Option("kl_weight", "VILLA: weight w of the symmetric-KL term (0 = FreeLB)", float, 0.0)),

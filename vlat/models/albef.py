@@ -58,7 +58,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlat.models.base import per_example_ce, PerturbationSite, TaskOutput, VLModel, caption_ids, full_mask, text_mask
+from vlat.models.base import (PerturbationSite, TaskOutput, VLModel, caption_ids, full_mask, per_example_ce,
+                              text_mask)
 from vlat.objectives import ema_, hard_negatives, itc_loss, mlm_loss
 
 

@@ -113,6 +113,17 @@ def perturbed(model: "VLModel", deltas: dict[str, torch.Tensor] | None, batch: d
             h.remove()
 
 
+@contextlib.contextmanager
+def evaluating(model: nn.Module):
+    """Eval mode inside the block, the model's previous mode restored after it."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 class FollowsOptimizer(nn.Module):
     """A submodule with state that follows the weights (an EMA): :meth:`VLModel.after_optimizer_step`
     calls its ``after_optimizer_step`` once per applied update, whichever model it was added to."""

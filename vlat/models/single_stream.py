@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlat.models.base import per_example_ce, PerturbationSite, TaskOutput, VLModel, attention_rollout, full_mask, text_mask
+from vlat.models.base import (PerturbationSite, TaskOutput, VLModel, attention_rollout, full_mask, per_example_ce,
+                              text_mask)
 from vlat.world.captions import ANSWERS
 
 
@@ -176,9 +177,11 @@ class SingleStreamModel(VLModel):
         else:
             logits = self.heads[task](hidden[:, 0])                           # [B, C]
             labels = batch["labels"]
-            loss = F.cross_entropy(logits.float(), labels)
+        losses = per_example_ce(logits, labels)
+        if task != "mlm":
+            loss = losses.mean()
         return TaskOutput(loss=loss, logits=logits, labels=labels, attentions={"joint": attn} if attn else None,
-                          losses=per_example_ce(logits, labels))
+                          losses=losses)
 
     def pretrain(self, batch: dict) -> TaskOutput:
         """UNITER's pre-training in miniature: MLM on the masked caption + ITM with in-batch negatives.
