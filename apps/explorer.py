@@ -145,6 +145,7 @@ def build_app(pairs: list[tuple[str, str]] | None = None) -> gr.Blocks:
         status = f"{ex.summary()} · {ex.seconds['total']:.2f} s"
         return [status, *[figs[p] for p in PANELS], numbers]
 
+    first_image, first_caption = pairs[0] if pairs else (None, "")   # the page opens on the first pair
     with gr.Blocks(title="vlat explorer", analytics_enabled=False) as app:
         gr.Markdown(INTRO)
         with gr.Row():
@@ -153,11 +154,12 @@ def build_app(pairs: list[tuple[str, str]] | None = None) -> gr.Blocks:
                                      height=260, allow_preview=False, elem_id="gallery")
                 upload_box = gr.File(label="or upload an image", file_types=["image"], elem_id="upload")
             with gr.Column(scale=1):
-                preview = gr.Image(label="image", type="filepath", interactive=False, height=200, elem_id="image")
+                preview = gr.Image(value=first_image, label="image", type="filepath", interactive=False, height=200,
+                                   elem_id="image")
                 # what /explore reads: a file, not an image component, so that a file which is not an
                 # image reaches explore() and gets its message instead of failing in Gradio's decoding
-                image = gr.File(visible=False, elem_id="current")
-                caption = gr.Textbox(label="caption", max_length=300, elem_id="caption",
+                image = gr.File(value=first_image, visible=False, elem_id="current")
+                caption = gr.Textbox(value=first_caption, label="caption", max_length=300, elem_id="caption",
                                      placeholder="a red circle left of a blue square")
         with gr.Row():
             model_choice = gr.Dropdown([*MODELS, HUB_CHOICE], value=next(iter(MODELS)), label="model")

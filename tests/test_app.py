@@ -66,6 +66,19 @@ def test_pair_returns_a_gallery_image_and_its_caption(client):
     assert (Path(path).name, caption) == (Path(gallery_pairs()[2][0]).name, gallery_pairs()[2][1])
 
 
+def test_the_page_opens_on_a_confident_correct_prediction():
+    """The default model on the first gallery pair (a true caption) says "match", and is sure of it: an
+    attack that flips it has undone a confident answer."""
+    from vlat.explain.pair import probe
+    from vlat.models import load_model, model_tokenizer
+
+    model = load_model(MODELS[SS]).eval()
+    image, caption = gallery_pairs()[0]
+    p = probe(model, model_tokenizer(model), image, caption)
+    assert p.names[int(p.logits.argmax())] == "match"
+    assert p.logits.softmax(-1)[0, 1] >= 0.9
+
+
 @pytest.mark.parametrize("model", [SS, CLIP, ALBEF])
 def test_explore_answers_with_every_panel(client, model):
     image, caption = gallery_pairs()[2]
@@ -156,10 +169,10 @@ def test_a_person_in_a_browser_runs_pgd_and_sees_the_panels(server, tmp_path):
                                     args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
         page = browser.new_page(viewport={"width": 1400, "height": 1700})
         page.goto(server, wait_until="networkidle")
-        page.get_by_label("Thumbnail 3 of 24").click()                 # the third pair
         caption = page.locator("#caption textarea")
-        page.wait_for_function("() => document.querySelector('#caption textarea').value.length > 0")
-        assert caption.input_value() == gallery_pairs()[2][1]
+        assert caption.input_value() == gallery_pairs()[0][1]          # the page opens on the first pair
+        page.get_by_label("Thumbnail 3 of 24").click()                 # the third pair
+        page.wait_for_function("(c) => document.querySelector('#caption textarea').value === c", arg=gallery_pairs()[2][1])
         page.locator("#method").click()
         page.get_by_role("option", name="PGD", exact=True).click()
         page.get_by_label("both").check()

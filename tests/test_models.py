@@ -214,3 +214,50 @@ def test_per_example_losses_are_what_the_task_loss_averages():
         out = model(make_batch(task), task)
         assert out.losses.shape == (6,)
         assert float(out.losses.mean().detach()) == pytest.approx(float(out.loss.detach()), rel=1e-5), (name, task)
+
+
+def test_hard_negatives_are_false_of_their_own_scene_and_change_nothing_else():
+    from vlat.world import WorldDataset
+    from vlat.world.captions import caption_text, true_claims
+
+    plain, neg = WorldDataset("itc", size=40), WorldDataset("itc", size=40, hard_negatives=True)
+    for i in range(40):
+        a, b = plain[i], neg[i]
+        assert {k: v for k, v in b.items() if k != "negative"}.keys() == a.keys()
+        assert a["text"] == b["text"] and a["mask_seed"] == b["mask_seed"]
+        assert b["negative"] not in {caption_text(c) for c in true_claims(neg.scenes[i])}   # false of its scene
+    with pytest.raises(ValueError, match="contrastive"):
+        WorldDataset("itm", size=4, hard_negatives=True)
+
+
+def test_clip_itc_with_hard_negatives_adds_them_as_image_to_text_columns_only(nano):
+    model = nano("clip")
+    batch = make_batch("itc", n=5, hard_negatives=True)
+    assert batch["neg_input_ids"].shape == batch["input_ids"].shape
+    with torch.no_grad():
+        out = model(batch, "itc")
+        img, _ = model.image_features(batch["pixel_values"])
+        txt, _ = model.text_features(batch["input_ids"], batch["attention_mask"])
+        neg, _ = model.text_features(batch["neg_input_ids"], batch["neg_attention_mask"])
+        s = float(model.clip.logit_scale.exp().clamp(max=100.0))
+        # by hand: row i of image->text is softmax over 5 true captions + 5 negatives; text->image over 5 images
+        pos, hard = s * img @ txt.t(), s * img @ neg.t()
+        i2t = -(pos.diag() - torch.logsumexp(torch.cat([pos, hard], 1), 1))
+        t2i = -(pos.diag() - torch.logsumexp(pos, 0))
+        plain = model({k: v for k, v in batch.items() if not k.startswith("neg_")}, "itc")
+    assert torch.allclose(out.losses, 0.5 * (i2t + t2i), atol=1e-5)
+    assert torch.allclose(out.logits, pos, atol=1e-5)               # the metrics' logits: true captions only
+    assert (out.losses > plain.losses).all()                        # more columns, larger image->text loss
+    site = model.perturbation_sites()["text"]                       # δ covers captions and negatives
+    assert site.shape(batch) == (10, batch["input_ids"].shape[1], model.config.text_hidden)
+    assert torch.equal(site.mask(batch).squeeze(-1), torch.cat([batch["attention_mask"], batch["neg_attention_mask"]]).float())
+    with torch.no_grad(), perturbed(model, {"text": torch.zeros(site.shape(batch))}, batch):
+        assert torch.allclose(model(batch, "itc").loss, out.loss)
+
+
+def test_cli_refuses_hard_negatives_where_no_loss_uses_them(tmp_path):
+    from vlat.cli import main
+
+    assert main(["train", "--model", "albef", "--preset", "nano", "--hard-negatives", "--max-steps", "1",
+                 "--out", str(tmp_path / "x")]) != 0
+    assert not (tmp_path / "x").exists()

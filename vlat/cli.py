@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--warmup", type=float, default=0.1, help="fraction of steps for linear warm-up")
     t.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0 disables clipping)")
     t.add_argument("--noise-rate", type=float, default=0.0, help="fraction of training captions replaced by noise")
+    t.add_argument("--hard-negatives", action="store_true",
+                   help="itc only: add a minimally wrong caption of each image to the contrastive softmax (NegCLIP)")
     t.add_argument("--amp", default="auto", choices=["auto", "off", "bf16", "fp16"],
                    help="mixed precision: auto = bf16 (fp16 if unsupported) on CUDA, off on CPU")
     t.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (smoke runs)")
@@ -184,7 +186,11 @@ def cmd_train(a) -> int:
     torch.manual_seed(a.seed)
     model = load_model(a.init).train() if a.init else build_model(a.model, a.preset, **json.loads(a.model_overrides))
     model.check_task(task)
-    data = WorldDataset(task, "train", a.train_size, a.seed, noise_rate=a.noise_rate, image_size=model.config.image_size)
+    if a.hard_negatives and not (model.hard_negatives and task == "itc"):
+        raise ValueError(f"--hard-negatives is for contrastive training of a model that uses them (clip, task itc); "
+                         f"got {a.model}, task {task}")
+    data = WorldDataset(task, "train", a.train_size, a.seed, noise_rate=a.noise_rate, image_size=model.config.image_size,
+                        hard_negatives=a.hard_negatives)
     tok = model_tokenizer(model)
     model.prepare_training(max(1, a.train_size // a.batch_size))
     eval_task = model.score_task(task)

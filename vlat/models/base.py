@@ -145,6 +145,7 @@ class VLModel(nn.Module):
     primary_task: str = ""          # what `vlat eval` scores when no --task is given
     full_batches: bool = False      # every training batch must have the same size (ALBEF's queues)
     feature_scores: bool = False    # retrieval scores by cosine of image_features / text_features (CLIP, ALBEF)
+    hard_negatives: bool = False    # its itc loss uses a batch's hard-negative captions (neg_input_ids; CLIP)
     retired_config: tuple[str, ...] = ()   # config fields older checkpoints carry that no longer exist
 
     def score_task(self, task: str) -> str:

@@ -7,12 +7,15 @@ on Colab, or any folder written by ``save_pretrained``) through the same class.
 Tasks:
 
 - ``itc``: in-batch image-text contrastive loss (symmetric InfoNCE at CLIP's learned temperature);
-  logits ``[B, B]`` image-to-text.
+  logits ``[B, B]`` image-to-text. A batch with hard negatives (``neg_input_ids``, one minimally wrong
+  caption per image: :class:`vlat.world.WorldDataset` with ``hard_negatives=True``) adds them as extra
+  columns of the image-to-text softmax, as NegCLIP does (Yuksekgonul et al. 2023, "When and why
+  vision-language models behave like bags-of-words"); text-to-image stays over the true captions.
 - ``classify``: zero-shot classification, logits ``[B, C]`` = scaled cosine similarity of each image to
   the C class prompts in ``batch["class_input_ids"]``; cross-entropy on ``labels``.
 
-Sites: ``text`` (token-embedding output, of the captions for ``itc`` or of the class prompts for
-``classify``), ``image`` (patch-embedding conv output ``[B, D, h, w]``, before class token and
+Sites: ``text`` (token-embedding output, of the captions for ``itc``, hard negatives stacked under
+them when the batch has some, or of the class prompts for ``classify``), ``image`` (patch-embedding conv output ``[B, D, h, w]``, before class token and
 positions) and ``pixels``. CLIP's text model takes no ``inputs_embeds``, so δ enters through a hook on
 the token-embedding module, which is exactly what :func:`vlat.models.base.perturbed` does.
 """
@@ -27,8 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlat.models.base import (PerturbationSite, TaskOutput, VLModel, attention_rollout, caption_ids, full_mask,
-                              text_mask)
+from vlat.models.base import PerturbationSite, TaskOutput, VLModel, attention_rollout, caption_ids, full_mask
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -93,6 +95,7 @@ class ClipDualEncoder(VLModel):
     primary_task = "classify"          # zero-shot classification over the 24 class prompts
     takes_objective = True
     feature_scores = True              # retrieval by cosine of the unimodal features
+    hard_negatives = True              # NegCLIP: hard-negative captions as extra itc columns
     retired_config = ("loss", "mpm_temp", "mpm_eps", "mpm_margin")   # now TrainConfig.objective (older files)
 
     def __init__(self, config: ClipConfig, clip: nn.Module | None = None):
@@ -144,13 +147,10 @@ class ClipDualEncoder(VLModel):
         c = self.config
         n = c.image_size // c.patch_size
 
-        def text_key(b):
-            return "class_input_ids" if "class_input_ids" in b else "input_ids"
-
         return {
             "text": PerturbationSite("text", "text", self.clip.text_model.get_input_embeddings(),
-                                     shape=lambda b: (*b[text_key(b)].shape, c.text_hidden),
-                                     mask=lambda b: text_mask(text_key(b).replace("input_ids", "attention_mask"))(b)),
+                                     shape=lambda b: (*self.texts(b)[0].shape, c.text_hidden),
+                                     mask=lambda b: self.texts(b)[1].unsqueeze(-1).float()),
             "image": PerturbationSite("image", "image", self.clip.vision_model.embeddings.patch_embedding,
                                       shape=lambda b: (b["pixel_values"].shape[0], c.vision_hidden, n, n),
                                       mask=full_mask(4), token_axes="BDHW"),
@@ -161,10 +161,7 @@ class ClipDualEncoder(VLModel):
     def layer_one(self, site: str):
         """The first block of the tower the site belongs to (and only that tower is run)."""
         if site == "text":
-            def run(b):
-                key = "class_" if "class_input_ids" in b else ""
-                return self.text_features(b[key + "input_ids"], b[key + "attention_mask"])
-            return self.clip.text_model.encoder.layers[0], run
+            return self.clip.text_model.encoder.layers[0], lambda b: self.text_features(*self.texts(b))
         return self.clip.vision_model.encoder.layers[0], lambda b: self.image_features(b["pixel_values"])
 
     def image_features(self, pixel_values: torch.Tensor, output_attentions: bool = False):
@@ -189,6 +186,17 @@ class ClipDualEncoder(VLModel):
         n = self.config.image_size // self.config.patch_size
         return attention_rollout(attn)[:, 0, 1:].reshape(-1, n, n)
 
+    @staticmethod
+    def texts(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(input_ids, attention_mask)`` of every text the batch runs through the text tower: the class
+        prompts (``classify``), else the captions with their hard negatives, if any, stacked under them."""
+        if "class_input_ids" in batch:
+            return batch["class_input_ids"], batch["class_attention_mask"]
+        if "neg_input_ids" in batch:
+            return (torch.cat([batch["input_ids"], batch["neg_input_ids"]]),
+                    torch.cat([batch["attention_mask"], batch["neg_attention_mask"]]))
+        return batch["input_ids"], batch["attention_mask"]
+
     def score_task(self, task: str) -> str:
         """Contrastive training (``itc``) is scored by zero-shot classification."""
         return "classify" if task == "itc" else super().score_task(task)
@@ -210,20 +218,25 @@ class ClipDualEncoder(VLModel):
         training loop passes :attr:`vlat.train.TrainConfig.objective`)."""
         self.check_task(task)
         img, img_attn = self.image_features(batch["pixel_values"], output_attentions)
-        if task == "classify":
-            txt, txt_attn = self.text_features(batch["class_input_ids"], batch["class_attention_mask"], output_attentions)
-        else:
-            txt, txt_attn = self.text_features(batch["input_ids"], batch["attention_mask"], output_attentions)
+        if task == "itc" and "class_input_ids" in batch:
+            raise ValueError("task 'itc' needs captions (input_ids); this batch holds class prompts (task 'classify')")
+        txt_all, txt_attn = self.text_features(*self.texts(batch), output_attentions)
         scale = self.clip.logit_scale.exp().clamp(max=100.0)
+        n_txt = len(txt_all) if task == "classify" else len(batch["input_ids"])
+        txt = txt_all[:n_txt]                                                 # without the hard negatives
         logits = scale * img @ txt.t()                                        # [B, C] or [B, B]
         if objective is not None:
+            if len(txt_all) > n_txt:
+                raise ValueError("hard negatives are columns of CLIP's own ITC loss; the objective "
+                                 f"{type(objective).__name__} has no place for them (drop hard_negatives)")
             return self._objective(objective, batch, task, img, txt, logits)
         if task == "classify":
             labels = batch["labels"]
             losses = F.cross_entropy(logits, labels, reduction="none")
         else:  # symmetric InfoNCE; the i-th caption belongs to the i-th image; example i's share: its row and column
             labels = torch.arange(logits.shape[0], device=logits.device)
-            losses = 0.5 * (F.cross_entropy(logits, labels, reduction="none") +
+            i2t = scale * img @ txt_all.t()                                   # [B, B (+ B hard negatives)]
+            losses = 0.5 * (F.cross_entropy(i2t, labels, reduction="none") +
                             F.cross_entropy(logits.t(), labels, reduction="none"))
         loss = losses.mean()
         attn = {"image": img_attn, "text": txt_attn} if output_attentions else None

@@ -59,10 +59,14 @@ class WorldDataset(Dataset):
         noise_rate: fraction of captions replaced by noise (another scene's caption or keyword
             soup), only for ``itc``/``itm``/``mlm``/``pretrain`` positives; the noisy-web-text setting of ALBEF.
         image_size: side of the square images in pixels.
+        hard_negatives: ``itc`` only: each item also carries ``negative``, a minimally wrong caption of its
+            own scene (:func:`vlat.world.captions.false_claim`), which the collated batch holds as
+            ``neg_input_ids`` (NegCLIP's hard negatives; Yuksekgonul et al. 2023).
     """
 
     def __init__(self, task: str = "itm", split: str = "train", size: int = 2000, seed: int = 0,
-                 shift: str | None = None, noise_rate: float = 0.0, image_size: int = 64):
+                 shift: str | None = None, noise_rate: float = 0.0, image_size: int = 64,
+                 hard_negatives: bool = False):
         check_task(task)
         check_shift(shift)
         if split not in SPLITS:
@@ -71,8 +75,11 @@ class WorldDataset(Dataset):
             raise ValueError(f"noise_rate must lie in [0, 1], got {noise_rate}")
         if size < 1:
             raise ValueError(f"size must be positive, got {size}")
+        if hard_negatives and task != "itc":
+            raise ValueError(f"hard negatives are captions for contrastive training (task 'itc'), not {task!r}")
         self.task, self.split, self.size, self.seed = task, split, size, seed
         self.shift, self.noise_rate, self.image_size = shift, noise_rate, image_size
+        self.hard_negatives = hard_negatives
         self.epoch = 0
         # Shifts that only re-render or re-word keep the ID scenes (a controlled shift: same content,
         # new look or wording); the composition shift draws scenes of its own.
@@ -118,6 +125,8 @@ class WorldDataset(Dataset):
             item["text"] = caps[int(rng.integers(len(caps)))]
             item["label"] = i
             item["mask_seed"] = int(rng.integers(2**31))
+            if self.hard_negatives:  # drawn last, so the other fields are those of a dataset without negatives
+                item["negative"] = C.caption_text(C.false_claim(scene, rng), self.paraphrase)
         elif self.task == "itm":
             positive = rng.random() < 0.5
             if positive:
@@ -187,6 +196,12 @@ class Collator:
         if self.task == "classify":
             batch["class_input_ids"] = self._prompts["input_ids"]
             batch["class_attention_mask"] = self._prompts["attention_mask"]
+        elif "negative" in items[0]:  # captions and their hard negatives padded to one length, then split
+            enc = encode_text(self.tokenizer, [it["text"] for it in items] + [it["negative"] for it in items],
+                              self.max_length)
+            n = len(items)
+            batch.update({k: v[:n] for k, v in enc.items()})
+            batch.update({f"neg_{k}": v[n:] for k, v in enc.items()})
         else:
             batch.update(encode_text(self.tokenizer, [it["text"] for it in items], self.max_length))
         if self.task in ("mlm", "pretrain"):  # mask once here, so every inner step of a method sees the same text
