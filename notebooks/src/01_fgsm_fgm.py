@@ -18,6 +18,10 @@
 # $\delta = \varepsilon\, g/\lVert g\rVert_2$, and applies it where text models can be perturbed: on the
 # word embeddings. Training on $x+\delta$ as well as $x$ is the simplest adversarial defence.
 #
+# **Headline:** one gradient step on the words takes the (fine-tuned) shipped model from 0.86 accuracy to 0.33;
+# fine-tuning on FGM examples wins part of it back (0.46). Numbers of fast mode on a 2-core CPU; section 5
+# prints those of your run.
+#
 # The rhythm of this notebook: clean prediction → the attack → what δ looks like → the defence →
 # clean vs adversarial side by side.
 
@@ -33,9 +37,9 @@ if "google.colab" in sys.modules:
 import os
 
 FAST = os.environ.get("VLAT_FAST") == "1"
-TRAIN_SCENES = 256 if FAST else 2000   # scenes for the defence experiment
-EPOCHS = 1 if FAST else 8              # its epochs (same for both runs)
-EVAL_SCENES = 64 if FAST else 300      # test scenes
+TRAIN_SCENES = 1024 if FAST else 4000  # scenes for the defence experiment (fine-tuning the shipped model)
+EPOCHS = 2 if FAST else 3              # its epochs (same for both runs)
+EVAL_SCENES = 128 if FAST else 500     # test scenes
 SEED = 0
 
 # %%
@@ -47,7 +51,7 @@ import vlat
 from vlat.adversarial import FGM, FGSM
 from vlat.evaluate import compare_training, markdown_table
 from vlat.explain import adversarial_triptych, image_heatmap, ood_bars, patch_grid, token_bars, token_magnitudes
-from vlat.models import build_model, load_model, perturbed
+from vlat.models import load_model, perturbed
 from vlat.train import TrainConfig
 from vlat.world import Collator, WorldDataset, load_tokenizer
 
@@ -126,15 +130,17 @@ widgets.interact(lambda eps: print(f"P(match) = {p_match(eps):.3f}"),
                  eps=widgets.FloatSlider(value=0.5, min=0.0, max=3.0, step=0.1, description="ε"));
 
 # %% [markdown]
-# ## 5 · The defence: train on clean + FGM examples
-# Same model, same data, same epochs; only the step function differs. FGM costs two passes per batch.
+# ## 5 · The defence: fine-tune on clean + FGM examples
+# Both arms start from the shipped model (0.87 clean) and fine-tune on the same data for the same epochs;
+# only the step function differs. FGM costs two passes per batch.
 
 # %%
 data = WorldDataset("itm", "train", TRAIN_SCENES, SEED)
 test = WorldDataset("itm", "test", EVAL_SCENES, SEED)
-rows = compare_training({"clean training": None, "FGM training": FGM(sites=("text", "image"), eps=1.0)},
-                        lambda: build_model("single_stream", "tiny"), "itm", data, test,
-                        {"FGM (text, eps 1)": FGM(sites=("text",), eps=1.0)}, TrainConfig(epochs=EPOCHS, seed=SEED, progress=False))
+rows = compare_training({"clean fine-tuning": None, "FGM fine-tuning": FGM(sites=("text", "image"), eps=1.0)},
+                        lambda: load_model(CKPT), "itm", data, test,
+                        {"FGM (text, eps 1)": FGM(sites=("text",), eps=1.0)},
+                        TrainConfig(epochs=EPOCHS, lr=3e-4, seed=SEED, progress=False))
 print(markdown_table(rows))
 ood_bars({k: {c: v for c, v in r.items() if c != "train s"} for k, r in rows.items()}, "clean vs adversarial accuracy")
 
@@ -143,6 +149,7 @@ for name, r in rows.items():
     print(f"{name}: loses {r['clean acc'] - r['acc under FGM (text, eps 1)']:.3f} accuracy to the attack")
 
 # %% [markdown]
-# Read the two gaps: adversarial training should shrink the loss to the attack it trained against
-# (on this tiny model and short schedule it may not, and the numbers above say which). Whether a
-# defence holds against a stronger, multi-step attacker is the question of the next notebook (PGD).
+# Read the two gaps: adversarial fine-tuning shrinks the loss to the attack it trained against, for a
+# little clean accuracy. On a 2-core CPU (torch 2.13) this cell gave, in fast mode (1,024 scenes, 2 epochs,
+# 128 test scenes), accuracy under FGM 0.33 → 0.46 at clean 0.86 → 0.81. Whether a defence holds against a
+# stronger, multi-step attacker is the question of the next notebook (PGD).

@@ -21,6 +21,10 @@
 # - **YOPO** (Zhang et al., 2019) notices that δ only enters through the first layer. One full pass
 #   gives the gradient at layer one's output, $p = \partial L/\partial f_0$; then n cheap steps move δ
 #   through layer one alone, maximising $\langle f_0(x+\delta), p\rangle$.
+#
+# **Headline:** at the cost of clean fine-tuning, FreeAT lifts accuracy under PGD-10 from 0.56 to 0.60;
+# PGD-3 reaches 0.67 and YOPO 0.70, each for several times the passes. Numbers of fast mode on a 2-core
+# CPU; section 3 prints accuracy and seconds of your run.
 
 # %%
 import sys
@@ -34,19 +38,22 @@ if "google.colab" in sys.modules:
 import os
 
 FAST = os.environ.get("VLAT_FAST") == "1"
-TRAIN_SCENES = 256 if FAST else 2000
-EPOCHS = 4 if FAST else 8              # clean epochs; FreeAT runs EPOCHS / m of them
+TRAIN_SCENES = 512 if FAST else 4000   # scenes for the equal-cost comparison (fine-tuning the shipped model)
+EPOCHS = 4 if FAST else 4              # clean epochs; FreeAT runs EPOCHS / m of them
 REPLAYS = 4                             # FreeAT's m
-EVAL_SCENES = 64 if FAST else 300
+EVAL_SCENES = 128 if FAST else 500
 SEED = 0
 
 # %%
+from pathlib import Path
+
 import torch
 
+import vlat
 from vlat.adversarial import PGD, YOPO, FreeAT
 from vlat.evaluate import compare_training, markdown_table
 from vlat.explain import loss_curve, ood_bars
-from vlat.models import build_model
+from vlat.models import build_model, load_model
 from vlat.models.base import run_layer_one
 from vlat.train import StepContext, TrainConfig
 from vlat.world import Collator, WorldDataset, load_tokenizer
@@ -104,24 +111,25 @@ print(f"full forward {1000 * full:.1f} ms, layer one {1000 * one:.1f} ms ({one /
       f"the tiny model has only {model.config.num_layers} blocks, so YOPO saves less here than on a 12-layer BERT)")
 
 # %% [markdown]
-# ## 3 · Equal-cost training: clean, FreeAT (EPOCHS / m epochs of m replays), YOPO, PGD-3
-# Same data and seed. Columns: accuracy clean and under PGD-10 on the image regions, and training time.
+# ## 3 · Equal-cost fine-tuning: clean, FreeAT (EPOCHS / m epochs of m replays), YOPO, PGD-3
+# Every arm starts from the shipped model (0.87 clean), same data and seed. Columns: accuracy clean and
+# under PGD-10 on the image regions, and training time.
 
 # %%
 data = WorldDataset("itm", "train", TRAIN_SCENES, SEED)
 test = WorldDataset("itm", "test", EVAL_SCENES, SEED)
 attack = {"PGD-10 (image, eps 2)": PGD(sites=("image",), eps=2.0, step_size=0.5, steps=10)}
-build = lambda: build_model("single_stream", "tiny")
+CKPT = Path(vlat.__file__).parents[1] / "data_samples" / "checkpoints" / "single_stream_tiny_itm.safetensors"
+build = lambda: load_model(CKPT)
 rows = compare_training({"clean": None, "PGD-3": PGD(sites=("image",), eps=2.0, step_size=0.7, steps=3),
                          "YOPO m=3 n=3": YOPO(sites=("image",), norm="l2", eps=2.0, step_size=0.5, outer=3, inner=3)},
-                        build, "itm", data, test, attack, TrainConfig(epochs=EPOCHS, seed=SEED, progress=False))
+                        build, "itm", data, test, attack, TrainConfig(epochs=EPOCHS, lr=3e-4, seed=SEED, progress=False))
 rows.update(compare_training({f"FreeAT m={REPLAYS}": FreeAT(sites=("image",), eps=2.0, step_size=1.0, replays=REPLAYS)},
                              build, "itm", data, test, attack,
-                             TrainConfig(epochs=max(1, EPOCHS // REPLAYS), seed=SEED, progress=False)))
+                             TrainConfig(epochs=max(1, EPOCHS // REPLAYS), lr=3e-4, seed=SEED, progress=False)))
 print(markdown_table(rows))
 ood_bars({k: {c: v for c, v in r.items() if c != "train s"} for k, r in rows.items()}, "clean vs PGD-10 accuracy")
 
 # %% [markdown]
 # Compare the `train s` column with PGD-3: FreeAT spends about as much time as clean training, YOPO
-# its m full passes plus the cheap inner steps. On a model this small and this undertrained the
-# accuracy columns move little; the cost columns are the lesson.
+# its m full passes plus the cheap inner steps; the accuracy-under-attack column says what each bought.

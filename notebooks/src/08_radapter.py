@@ -19,6 +19,11 @@
 # them for free: adapter **dropping** (a dynamic ensemble), an **EMA** of the adapter weights (a
 # temporal one) and **rescaling** (a weight-space ensemble with the zero-shot model, WiSE-FT without
 # a second copy). Its loss, **MPM-NCE**, lets several captions or images share a label.
+#
+# **Headline:** full fine-tuning raises ID accuracy (0.40 → 0.53) and loses OOD accuracy (mean over the
+# five shifts 0.26 → 0.23; on the six held-out composition classes 0.29 → 0.10); the R-Adapter reaches the
+# same ID accuracy at α = 0.75 and keeps its OOD mean at 0.28. Numbers of fast mode on a 2-core CPU (the
+# shipped zero-shot CLIP is weak, 0.40 ID); sections 1 and 3 print those of your run.
 
 # %%
 import sys
@@ -32,9 +37,10 @@ if "google.colab" in sys.modules:
 import os
 
 FAST = os.environ.get("VLAT_FAST") == "1"
-TRAIN_SCENES = 256 if FAST else 4000
-EPOCHS = 1 if FAST else 5
-EVAL_SCENES = 48 if FAST else 300
+TRAIN_SCENES = 1024 if FAST else 4000
+EPOCHS = 2 if FAST else 5
+EVAL_SCENES = 128 if FAST else 300
+EMA = 0.95 if FAST else 0.99    # the adapters' weight EMA: a 32-step run needs a shorter memory than 300 steps
 SEED = 0
 
 # %%
@@ -46,7 +52,7 @@ import torch
 import torch.nn.functional as F
 
 import vlat
-from vlat.evaluate import ood_table
+from vlat.evaluate import markdown_table, ood_table
 from vlat.explain import ablation_bars, id_ood_scatter, ood_bars, target_bars
 from vlat.models import load_model
 from vlat.objectives import mpm_nce, mpm_targets
@@ -84,6 +90,7 @@ ood_bars(rows, "classification accuracy, ID and per shift")
 wise = copy.deepcopy(zero_shot)
 wise.load_state_dict(wise_ft(zero_shot, full, 0.5))
 rows["WiSE-FT α=0.5"] = table(wise)
+print(markdown_table(rows))
 ood_bars(rows, "with WiSE-FT")
 
 # %% [markdown]
@@ -94,7 +101,7 @@ ood_bars(rows, "with WiSE-FT")
 
 # %%
 radapter = copy.deepcopy(zero_shot)
-adapters = add_adapters(radapter, rank=None, drop=0.2, ema=0.99)
+adapters = add_adapters(radapter, rank=None, drop=0.2, ema=EMA)
 trained = sum(p.numel() for p in radapter.parameters() if p.requires_grad)
 print(f"{len(adapters)} adapters; {trained:,} of {sum(p.numel() for p in radapter.parameters()):,} parameters train")
 train(radapter, "classify", data, TrainConfig(epochs=EPOCHS, lr=1e-3, seed=SEED, progress=False,
@@ -132,7 +139,8 @@ print("adapter on for samples:", on.int().tolist())
 # **EMA**: the loop calls `update_ema()` after every optimiser step; the average lags the weights:
 
 # %%
-gap = [float((a.ema_weight - a.adapter_weight()).norm() / a.adapter_weight().norm().clamp_min(1e-12)) for a in adapters]
+with torch.no_grad():
+    gap = [float((a.ema_weight - a.adapter_weight()).norm() / a.adapter_weight().norm().clamp_min(1e-12)) for a in adapters]
 print(f"relative distance of W̃ from W, mean over adapters: {sum(gap) / len(gap):.3f}")
 for a in adapters_of(radapter):
     a.use_ema = True
@@ -149,6 +157,8 @@ for alpha in (0.0, 0.25, 0.5, 0.75, 1.0):
     points[f"α={alpha}"] = (r["id"], r["ood_mean"])
 for name, r in rows.items():
     points[name] = (r["id"], r["ood_mean"])
+for name, (i, o) in points.items():
+    print(f"{name:18s} ID {i:.3f}   OOD mean {o:.3f}")
 id_ood_scatter(points, "R-Adapter's α against full fine-tuning and WiSE-FT", baseline="zero-shot")
 
 # %%
