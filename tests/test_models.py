@@ -253,6 +253,13 @@ def test_clip_itc_with_hard_negatives_adds_them_as_image_to_text_columns_only(na
     assert torch.equal(site.mask(batch).squeeze(-1), torch.cat([batch["attention_mask"], batch["neg_attention_mask"]]).float())
     with torch.no_grad(), perturbed(model, {"text": torch.zeros(site.shape(batch))}, batch):
         assert torch.allclose(model(batch, "itc").loss, out.loss)
+    from vlat.adversarial import PGD, per_example_norm
+
+    delta = PGD(sites=("text",), eps=0.5, step_size=0.25, steps=2).attack(model, batch, "itc")["text"]
+    assert delta.shape == site.shape(batch) and (per_example_norm(delta) <= 0.5 + 1e-5).all()
+    assert (delta * (1 - site.mask(batch))).abs().max() == 0                   # padding untouched
+    with torch.no_grad(), perturbed(model, {"text": delta}, batch):
+        assert model(batch, "itc").loss > out.loss                              # the attack raised the loss
 
 
 def test_cli_refuses_hard_negatives_where_no_loss_uses_them(tmp_path):

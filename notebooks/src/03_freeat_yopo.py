@@ -52,7 +52,7 @@ import torch
 import vlat
 from vlat.adversarial import PGD, YOPO, FreeAT
 from vlat.evaluate import compare_training, markdown_table
-from vlat.explain import loss_curve, ood_bars
+from vlat.explain import ood_bars
 from vlat.models import build_model, load_model
 from vlat.models.base import run_layer_one
 from vlat.train import StepContext, TrainConfig
