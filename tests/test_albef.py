@@ -168,6 +168,38 @@ def test_pretrain_forward_has_three_losses_and_3B_itm_pairs():
     assert (out.extras["neg_text"] != torch.arange(8)).all() and (out.extras["neg_image"] != torch.arange(8)).all()
 
 
+def test_a_pretrain_batch_knows_which_captions_are_true_where_and_itm_never_draws_one():
+    from vlat.world import WorldDataset
+    from vlat.world.captions import holds
+
+    ds = WorldDataset("pretrain", size=16, noise_rate=0.25)
+    items = [ds[i] for i in range(16)]
+    batch = make_batch("pretrain", n=16, noise_rate=0.25)
+    truth = batch["truth"]
+    for i in range(16):                                   # by hand, from the scenes and the drawn claims
+        for j in range(16):
+            assert truth[i, j] == (items[j]["claim"] is not None and holds(ds.scenes[i], items[j]["claim"]))
+    assert truth.sum() > 16 - ds.noisy.sum()              # other scenes' captions are often true here too
+    noisy = torch.from_numpy(ds.noisy)
+    assert truth.diagonal()[~noisy].all()                 # a clean caption is true of its own image
+    soup = torch.tensor([it["claim"] is None for it in items])
+    assert soup.any() and not truth[:, soup].any()        # keyword soup is true of nothing
+    model = nano().train()
+    for seed in range(5):                                 # a few draws: never a true pair as a "negative"
+        model.updates = seed
+        out = model(batch, "pretrain")
+        nt, ni = out.extras["neg_text"], out.extras["neg_image"]
+        free_t, free_i = (~truth).sum(1) > 0, (~truth).sum(0) > 0          # rows with a false caption left
+        assert not truth[torch.arange(16), nt][free_t].any()
+        assert not truth[ni, torch.arange(16)][free_i].any()
+    model.config.truth_negatives = False                  # off: the reference sampler, which does draw them
+    drawn = []
+    for seed in range(20):
+        model.updates = seed
+        drawn.append(truth[torch.arange(16), model(batch, "pretrain").extras["neg_text"]])
+    assert torch.stack(drawn).any()
+
+
 def test_queue_not_a_multiple_of_the_batch_is_refused():
     model = nano().train()                                # queue 48
     with pytest.raises(ValueError, match="queue_size 48 is not a multiple of the batch size 5"):

@@ -12,7 +12,8 @@ qa         image + question                                       index into ANS
 tf         image + statement                                      1 true / 0 false
 mlm        image + caption, masked when collated                 masked words
 pretrain   image + caption (ALBEF: ITC + ITM + MLM in one batch)  scene index; masked
-           ``input_ids`` stay whole, ``mlm_input_ids`` masked     words in ``mlm_labels``
+           ``input_ids`` stay whole, ``mlm_input_ids`` masked;    words in ``mlm_labels``
+           ``truth[i, j]``: caption j is true of image i
 =========  ====================================================  =====================
 
 Scene ``i`` of a split is drawn from ``default_rng((seed, split, shift, i))`` and is the same on every
@@ -93,6 +94,7 @@ class WorldDataset(Dataset):
         self.images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # [N, 3, H, W] uint8
         self.paraphrase = shift == "paraphrase"
         self.captions = [C.captions(s, self.paraphrase) for s in self.scenes]
+        self.claims: list[list] = [C.true_claims(s) for s in self.scenes]   # the claim of each caption (None: soup)
         self.noisy = np.zeros(size, dtype=bool)
         if noise_rate > 0:  # which scenes carry a wrong caption is fixed for the dataset's life
             rng = np.random.default_rng(key + (2**31,))
@@ -101,6 +103,7 @@ class WorldDataset(Dataset):
                 j = (i + 1 + int(rng.integers(size - 1))) % size if size > 1 else i
                 soup = rng.random() < 0.5 or j == i
                 self.captions[i] = [C.keyword_soup(rng) if soup else self.captions[j][0]]
+                self.claims[i] = [None if soup else self.claims[j][0]]
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the epoch whose captions / negatives / questions ``__getitem__`` serves."""
@@ -122,7 +125,10 @@ class WorldDataset(Dataset):
         item = {"pixel_values": self.pixels(i), "index": i}
         caps = self.captions[i]
         if self.task in ("itc", "mlm", "pretrain"):
-            item["text"] = caps[int(rng.integers(len(caps)))]
+            k = int(rng.integers(len(caps)))
+            item["text"] = caps[k]
+            if self.task == "pretrain":  # what the collator needs to say which captions of a batch are true where
+                item["scene"], item["claim"] = scene, self.claims[i][k]
             item["label"] = i
             item["mask_seed"] = int(rng.integers(2**31))
             if self.hard_negatives:  # drawn last, so the other fields are those of a dataset without negatives
@@ -173,6 +179,13 @@ def encode_text(tokenizer, texts: list[str], max_length: int = MAX_TEXT_LEN) -> 
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
 
+def truth_matrix_of(items: list[dict]) -> torch.Tensor:
+    """``[B, B]`` booleans: is item j's caption true of item i's scene (a keyword-soup caption is true of
+    nothing, not even its own image). The toy world knows this; web data does not."""
+    return torch.tensor([[b["claim"] is not None and C.holds(a["scene"], b["claim"]) for b in items] for a in items],
+                        dtype=torch.bool)
+
+
 @dataclass
 class Collator:
     """Stack images, tokenize texts and, for ``classify``, add the tokenized class prompts."""
@@ -211,4 +224,6 @@ class Collator:
                 batch["input_ids"], pad_id=tk.pad_token_id, cls_id=tk.cls_token_id, mask_id=tk.mask_token_id,
                 vocab_size=len(tk), generator=g)
             batch["mlm_input_ids" if self.task == "pretrain" else "input_ids"] = masked
+        if self.task == "pretrain" and "claim" in items[0]:
+            batch["truth"] = truth_matrix_of(items)
         return batch
