@@ -226,7 +226,7 @@ def test_clip_with_mpm_nce_reduces_to_infonce_and_groups_identical_captions():
     from vlat.objectives import MPMNCE
 
     model = tiny_clip().eval()
-    batch = {k: v for k, v in make_batch("itc", n=6).items() if k != "truth"}   # CLIP's own InfoNCE, no world truth
+    batch = make_batch("itc", n=6)
     assert len({tuple(r.tolist()) for r in batch["input_ids"]}) == 6      # six different captions
     with torch.no_grad():
         infonce = model(batch, "itc")

@@ -33,11 +33,10 @@ def symmetric_kl(p_logits: torch.Tensor, q_logits: torch.Tensor, reduce: bool = 
     return kl_logits(p_logits, q_logits, reduce) + kl_logits(q_logits, p_logits, reduce)
 
 
-def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduce: bool = True) -> torch.Tensor:
-    """``-Σ_c q_c log softmax(logits)_c`` per row, averaged over rows (``reduce=False``: per row, ``[N]``);
-    ``targets`` rows are distributions ``[N, C]`` (one-hot rows give ordinary cross-entropy)."""
-    rows = -(targets * F.log_softmax(logits.float(), dim=-1)).sum(-1)
-    return rows.mean() if reduce else rows
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``-Σ_c q_c log softmax(logits)_c`` per row, averaged over rows; ``targets`` rows are
+    distributions ``[N, C]`` (one-hot rows give ordinary cross-entropy)."""
+    return -(targets * F.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
 
 
 def distilled_targets(onehot: torch.Tensor, teacher_logits: torch.Tensor | None, alpha: float | torch.Tensor) -> torch.Tensor:

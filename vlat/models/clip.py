@@ -11,12 +11,6 @@ Tasks:
   caption per image: :class:`vlat.world.WorldDataset` with ``hard_negatives=True``) adds them as extra
   columns of the image-to-text softmax, as NegCLIP does (Yuksekgonul et al. 2023, "When and why
   vision-language models behave like bags-of-words"); text-to-image stays over the true captions.
-  **Every caption true of an image is its positive** (``truth_positives``, on by default) when the batch
-  says which are (``truth[i, j]``, caption j holds in scene i: a toy-world ``itc`` batch does). A toy
-  caption is one claim, so other images' captions are often true of this one ("two objects", "there is
-  a red circle"); plain InfoNCE pushes the image away from them. With the truth, each row's target is
-  spread evenly over its true captions (the paired one always among them), each column's over the
-  images it is true of. Web data has no such matrix, and the loss is CLIP's.
 - ``classify``: zero-shot classification, logits ``[B, C]`` = scaled cosine similarity of each image to
   the C class prompts in ``batch["class_input_ids"]``; cross-entropy on ``labels``.
 
@@ -37,7 +31,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlat.models.base import PerturbationSite, TaskOutput, VLModel, attention_rollout, caption_ids, full_mask
-from vlat.objectives import soft_cross_entropy
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -59,7 +52,6 @@ class ClipConfig:
     eos_token_id: int = 3            # [SEP] ends every caption: the pooled text token
     image_mean: tuple = (0.5, 0.5, 0.5)  # pixel normalisation applied inside the model
     image_std: tuple = (0.25, 0.25, 0.25)
-    truth_positives: bool = True     # itc: every caption the batch's ``truth`` marks true of an image is its positive
     tokenizer: str | None = None     # None: the toy world's tokenizer; else a path / hub id
     pretrained: str | None = None    # the checkpoint it was loaded from, if any
 
@@ -244,15 +236,8 @@ class ClipDualEncoder(VLModel):
         else:  # symmetric InfoNCE; the i-th caption belongs to the i-th image; example i's share: its row and column
             labels = torch.arange(logits.shape[0], device=logits.device)
             i2t = scale * img @ txt_all.t()                                   # [B, B (+ B hard negatives)]
-            if self.config.truth_positives and "truth" in batch:
-                pos = batch["truth"] | torch.eye(len(labels), dtype=torch.bool, device=logits.device)
-                q = F.pad(pos.float(), (0, i2t.shape[1] - pos.shape[1]))     # hard negatives hold for no one
-                losses = 0.5 * (soft_cross_entropy(i2t, q / q.sum(1, keepdim=True), reduce=False) +
-                                soft_cross_entropy(logits.t(), pos.t().float() / pos.t().float().sum(1, keepdim=True),
-                                                   reduce=False))
-            else:
-                losses = 0.5 * (F.cross_entropy(i2t, labels, reduction="none") +
-                                F.cross_entropy(logits.t(), labels, reduction="none"))
+            losses = 0.5 * (F.cross_entropy(i2t, labels, reduction="none") +
+                            F.cross_entropy(logits.t(), labels, reduction="none"))
         loss = losses.mean()
         attn = {"image": img_attn, "text": txt_attn} if output_attentions else None
         return TaskOutput(loss=loss, logits=logits, labels=labels, attentions=attn, losses=losses)

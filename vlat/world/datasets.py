@@ -6,8 +6,7 @@ Tasks (the papers' benchmarks in miniature):
 task       item                                                  label
 =========  ====================================================  =====================
 itm        image + caption, half of them negatives                1 match / 0 not
-itc        image + one of its true captions (multi-positive);     scene index (group)
-           ``truth[i, j]``: caption j is true of image i
+itc        image + one of its true captions (multi-positive)      scene index (group)
 classify   image whose main object is large, + class prompts      colour-shape class
 qa         image + question                                       index into ANSWERS
 tf         image + statement                                      1 true / 0 false
@@ -128,7 +127,7 @@ class WorldDataset(Dataset):
         if self.task in ("itc", "mlm", "pretrain"):
             k = int(rng.integers(len(caps)))
             item["text"] = caps[k]
-            if self.task in ("itc", "pretrain"):  # for the collator: which captions of a batch are true where
+            if self.task == "pretrain":  # what the collator needs to say which captions of a batch are true where
                 item["scene"], item["claim"] = scene, self.claims[i][k]
             item["label"] = i
             item["mask_seed"] = int(rng.integers(2**31))
@@ -225,6 +224,6 @@ class Collator:
                 batch["input_ids"], pad_id=tk.pad_token_id, cls_id=tk.cls_token_id, mask_id=tk.mask_token_id,
                 vocab_size=len(tk), generator=g)
             batch["mlm_input_ids" if self.task == "pretrain" else "input_ids"] = masked
-        if self.task in ("itc", "pretrain") and "claim" in items[0]:
+        if self.task == "pretrain" and "claim" in items[0]:
             batch["truth"] = truth_matrix_of(items)
         return batch
