@@ -24,6 +24,12 @@
 #
 # This notebook takes one piece at a time: ITC, the queue, ITM with hard negatives, MLM, then
 # momentum distillation. Then it pre-trains a tiny ALBEF and retrieves captions with it.
+#
+# **Headline:** aligned first, the two encoders retrieve: among 64 test scenes the shipped ALBEF ranks a true
+# caption first for a quarter of the images and within the top 10 for all of them (TR@1 0.25, TR@10 1.00);
+# and its momentum model gives a paired caption 0.108 of its probability when the caption is right and 0.013
+# when it is noise, so the distilled targets lean less on a wrong caption than the one-hot label does.
+# Numbers of fast mode on a 2-core CPU; sections 7 and 8 print those of your run.
 
 # %%
 import sys
@@ -184,24 +190,26 @@ model.eval()
 # the model). How much weight does each kind of pair get?
 
 # %%
-own, noisy = [], []
+own, teacher, noisy = [], [], []
 with torch.no_grad():
     for start in range(0, len(data) - BATCH + 1, BATCH):
         b = collate([data[k] for k in range(start, start + BATCH)])
         im, _ = model.image_features(b["pixel_values"], momentum=True)
         tx, _ = model.text_features(b["input_ids"], b["attention_mask"], momentum=True)
-        q = distilled_targets(torch.eye(BATCH), im @ tx.t() / model.temp, 0.4)
-        own.append(q.diag())
+        logits = im @ tx.t() / model.temp
+        own.append(distilled_targets(torch.eye(BATCH), logits, 0.4).diag())
+        teacher.append(logits.softmax(1).diag())
         noisy.append(torch.from_numpy(data.noisy[start:start + BATCH]))
-own, noisy = torch.cat(own), torch.cat(noisy)
-print(f"ITC target on the paired caption (α = 0.4): clean pairs {own[~noisy].mean():.2f}, "
-      f"noisy pairs {own[noisy].mean():.2f}; one-hot gives 1.00 to both")
+own, teacher, noisy = torch.cat(own), torch.cat(teacher), torch.cat(noisy)
+print(f"the momentum model's own probability for the paired caption: clean pairs {teacher[~noisy].mean():.3f}, "
+      f"noisy pairs {teacher[noisy].mean():.3f}")
+print(f"ITC target on the paired caption (α = 0.4): clean pairs {own[~noisy].mean():.3f}, "
+      f"noisy pairs {own[noisy].mean():.3f}; one-hot gives 1.00 to both")
 
 # %% [markdown]
 # ## 8 · Retrieval with the aligned features
 # Zero-shot retrieval uses ITC alone: one relational caption per test image; R@k counts a hit when a
-# true caption is among the top k. At the notebook's budget the numbers stay low. The README's
-# ablation table shows how far 8 epochs get.
+# true caption is among the top k (64 test scenes in fast mode: with so few candidates R@10 is easy).
 
 # %%
 test = WorldDataset("itc", "test", EVAL_SCENES, SEED)
