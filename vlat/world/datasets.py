@@ -93,8 +93,8 @@ class WorldDataset(Dataset):
             images[i] = render(scene, image_size, shift, rng)
         self.images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # [N, 3, H, W] uint8
         self.paraphrase = shift == "paraphrase"
-        self.captions = [C.captions(s, self.paraphrase) for s in self.scenes]
         self.claims: list[list] = [C.true_claims(s) for s in self.scenes]   # the claim of each caption (None: soup)
+        self.captions = [[C.caption_text(c, self.paraphrase) for c in claims] for claims in self.claims]
         self.noisy = np.zeros(size, dtype=bool)
         if noise_rate > 0:  # which scenes carry a wrong caption is fixed for the dataset's life
             rng = np.random.default_rng(key + (2**31,))
