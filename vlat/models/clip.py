@@ -16,8 +16,9 @@ Tasks:
 
 Sites: ``text`` (token-embedding output, of the captions for ``itc``, hard negatives stacked under
 them when the batch has some, or of the class prompts for ``classify``), ``image`` (patch-embedding
-conv output ``[B, D, h, w]``, before class token and positions) and ``pixels``. CLIP's text model takes no ``inputs_embeds``, so δ enters through a hook on
-the token-embedding module, which is exactly what :func:`vlat.models.base.perturbed` does.
+conv output ``[B, D, h, w]``, before class token and positions) and ``pixels``. CLIP's text model takes
+no ``inputs_embeds``, so δ enters through a hook on the token-embedding module, which is exactly what
+:func:`vlat.models.base.perturbed` does.
 """
 
 from __future__ import annotations
