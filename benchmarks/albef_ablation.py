@@ -25,10 +25,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import add_run_options, load_runs, machine, print_table, run_and_report, threads_per_job  # noqa: E402
+from common import (add_run_options, check_init, load_runs, machine, print_table, run_and_report,  # noqa: E402
+                    threads_per_job)
 
 from vlat.evaluate import accuracy, retrieval  # noqa: E402
-from vlat.models import build_model  # noqa: E402
+from vlat.models import build_model, load_model  # noqa: E402
 from vlat.train import TrainConfig, train  # noqa: E402
 from vlat.world import Collator, WorldDataset, load_tokenizer  # noqa: E402
 
@@ -38,8 +39,12 @@ def run(job) -> dict:
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.manual_seed(seed)
-    model = build_model("albef", "tiny", distill=distill, seed=seed,
-                        alpha_warmup_steps=max(1, a.train_size // a.batch_size))
+    if a.init:                                   # continued pre-training: the momentum copies restart from it
+        model = load_model(a.init).train()
+        model.config.distill = distill
+    else:
+        model = build_model("albef", "tiny", distill=distill, seed=seed,
+                            alpha_warmup_steps=max(1, a.train_size // a.batch_size))
     tok = load_tokenizer()
     data = WorldDataset("pretrain", "train", a.train_size, seed, noise_rate=noise)
     cfg = TrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=seed, device=a.device,
@@ -52,7 +57,8 @@ def run(job) -> dict:
 
 
 def settings(a) -> str:
-    return (f"ALBEF tiny pre-training from scratch, {a.epochs} epochs x {a.train_size} scenes, batch {a.batch_size}, "
+    start = f"continued from {a.init}" if a.init else "from scratch"
+    return (f"ALBEF tiny pre-training {start}, {a.epochs} epochs x {a.train_size} scenes, batch {a.batch_size}, "
             f"lr {a.lr}, {a.seeds} seeds; {a.eval_size} ID test scenes; {machine(a)}")
 
 
@@ -73,8 +79,12 @@ def main(argv=None) -> None:
     ap.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate")
     ap.add_argument("--eval-size", type=int, default=500, help="test scenes")
     ap.add_argument("--seeds", type=int, default=3, help="seeds per setting")
+    ap.add_argument("--init", default=None, metavar="CHECKPOINT",
+                    help="continue pre-training this ALBEF checkpoint (e.g. the shipped "
+                         "data_samples/checkpoints/albef_tiny_pretrain.safetensors) instead of starting from scratch")
     add_run_options(ap)
     a = ap.parse_args(argv)
+    check_init(ap, a.init, "albef")
     if a.report:
         return table(load_runs(a.report))
     if a.fast:

@@ -38,6 +38,18 @@ def add_run_options(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--report", nargs="+", default=None, metavar="JSON", help="only print the table of saved --json files")
 
 
+def check_init(ap: argparse.ArgumentParser, path: str | None, kind: str) -> None:
+    """Refuse an ``--init`` that is not a vlat checkpoint of ``kind`` before any work starts."""
+    if path:
+        from vlat.models import read_metadata
+        try:
+            found = read_metadata(path)["kind"]
+        except (OSError, ValueError, KeyError) as e:
+            ap.error(f"--init {path}: not a vlat checkpoint ({e})")
+        if found != kind:
+            ap.error(f"--init {path} is a {found} checkpoint; these arms need a {kind} one")
+
+
 def run_and_report(fn: Callable, jobs: list, a, settings: Callable, table: Callable, t0: float) -> None:
     """Run every job (``a.jobs`` at a time), saving rows to ``a.json`` as they finish, then print the
     settings line with the total time since ``t0`` and the table of all rows."""

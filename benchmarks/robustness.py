@@ -47,7 +47,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (add_run_options, group_runs, load_runs, machine, print_table, run_all,  # noqa: E402
+from common import (add_run_options, check_init, group_runs, load_runs, machine, print_table, run_all,  # noqa: E402
                     run_and_report, threads_per_job)
 
 from vlat.adversarial import PGD, registry  # noqa: E402
@@ -84,12 +84,23 @@ def add_radius_options(ap, what: str) -> None:
     ap.add_argument("--attack-image-eps", type=float, default=0.1, help="PGD-10 L2 radius on the image (fraction)")
 
 
+def add_init_option(ap, instead: str) -> None:
+    """``--init``: start every arm from one trained checkpoint (e.g. a shipped one) instead of ``instead``."""
+    ap.add_argument("--init", default=None, metavar="CHECKPOINT",
+                    help=f"start every arm of every seed from this single-stream checkpoint instead of {instead} "
+                         "(seeds then vary the fine-tuning's data order and the attacks' random starts), e.g. "
+                         "data_samples/checkpoints/single_stream_tiny_tf.safetensors")
+
+
 def fractions(a, prefix: str) -> dict:
     return {"text": getattr(a, f"{prefix}text_eps"), "image": getattr(a, f"{prefix}image_eps")}
 
 
 def pretrained(seed: int, a) -> Path:
-    """MLM pre-training of one seed's model, cached: every method of that seed starts from these weights."""
+    """MLM pre-training of one seed's model, cached: every method of that seed starts from these weights
+    (with ``--init``, every seed starts from that checkpoint instead)."""
+    if a.init:
+        return Path(a.init)
     path = Path(a.cache) / f"mlm_seed{seed}_{a.pretrain_epochs}x{a.train_size}_b{a.batch_size}.safetensors"
     if not path.exists():
         if a.threads:
@@ -145,8 +156,9 @@ def _run(job):
 
 
 def settings(a) -> str:
-    return (f"single-stream tiny, MLM pre-training {a.pretrain_epochs} epochs, then task {a.task}: {a.epochs} epochs x "
-            f"{a.train_size} scenes, batch {a.batch_size}, {a.seeds} seeds, {a.eval_size} test scenes per column; "
+    start = f"from {a.init}" if a.init else f"MLM pre-training {a.pretrain_epochs} epochs"
+    return (f"single-stream tiny, {start}, then task {a.task}: {a.epochs} epochs x "
+            f"{a.train_size} scenes, batch {a.batch_size}, lr {a.lr}, {a.seeds} seeds, {a.eval_size} test scenes per column; "
             f"registered presets with K = {a.steps}, step 2.5 eps / K; eps "
             f"as fractions of each site's norm: train text {a.text_eps} / image {a.image_eps}, PGD-10 L2 text "
             f"{a.attack_text_eps} / image {a.attack_image_eps}; {machine(a)}")
@@ -173,8 +185,10 @@ def main(argv=None) -> None:
     ap.add_argument("--methods", default=",".join(arms()), help="comma-separated subset")
     ap.add_argument("--cache", default=str(Path.home() / ".cache" / "vlat" / "robustness"),
                     help="folder for the per-seed pre-trained weights")
+    add_init_option(ap, "pre-training one model per seed")
     add_run_options(ap)
     a = ap.parse_args(argv)
+    check_init(ap, a.init, "single_stream")
     if a.report:
         return table(load_runs(a.report))
     if a.fast:
@@ -185,7 +199,7 @@ def main(argv=None) -> None:
         ap.error(f"unknown method(s) {unknown}; choose from {', '.join(arms())}")
     a.threads = threads_per_job(a.jobs)
     t0 = time.perf_counter()
-    if a.jobs > 1:  # pre-train each seed once, in parallel, before the runs that start from it
+    if a.jobs > 1 and not a.init:  # pre-train each seed once, in parallel, before the runs that start from it
         run_all(_pretrain, [(seed, a) for seed in range(a.seeds)], min(a.jobs, a.seeds), lambda _: None)
     run_and_report(_run, [(m, seed, a) for m in methods for seed in range(a.seeds)], a, settings, table, t0)
 

@@ -43,9 +43,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (add_run_options, group_runs, load_runs, machine, print_table, run_all,  # noqa: E402
+from common import (add_run_options, check_init, group_runs, load_runs, machine, print_table, run_all,  # noqa: E402
                     run_and_report, threads_per_job)
-from robustness import add_radius_options, fractions, score  # noqa: E402
+from robustness import add_init_option, add_radius_options, fractions, score  # noqa: E402
 
 from vlat.adversarial import VILLA  # noqa: E402
 from vlat.models import build_model, load_model, read_metadata, save_model  # noqa: E402
@@ -82,13 +82,17 @@ def run_training(model, task: str, step, a, seed: int, epochs: int) -> float:
 
 
 def pretrained(kind: str, seed: int, a) -> tuple[Path, float]:
-    """MLM + ITM pre-training of one seed, clean or with VILLA (cached); returns (path, seconds per epoch)."""
-    path = Path(a.cache) / f"{kind}_seed{seed}_{a.pretrain_epochs}x{a.train_size}_b{a.batch_size}.safetensors"
+    """MLM + ITM pre-training of one seed, clean or with VILLA (cached); returns (path, seconds per epoch).
+    With ``--init`` the pre-training continues from that checkpoint (both kinds for the same epochs)."""
+    if a.init and not a.pretrain_epochs:
+        return Path(a.init), 0.0
+    start = f"{Path(a.init).stem}_" if a.init else ""
+    path = Path(a.cache) / f"{start}{kind}_seed{seed}_{a.pretrain_epochs}x{a.train_size}_b{a.batch_size}.safetensors"
     if not path.exists():
         if a.threads:
             torch.set_num_threads(a.threads)
         torch.manual_seed(seed)
-        model = build_model("single_stream", "tiny")
+        model = load_model(a.init) if a.init else build_model("single_stream", "tiny")
         epoch_s = 0.0
         if a.pretrain_epochs:
             step = villa() if kind == "villa" else clean_step
@@ -119,7 +123,8 @@ def _pretrain(job):
 
 
 def settings(a) -> str:
-    return (f"single-stream tiny, MLM + ITM pre-training {a.pretrain_epochs} epochs, then task {a.task}: {a.epochs} "
+    start = f"from {a.init}, " if a.init else ""
+    return (f"single-stream tiny, {start}MLM + ITM pre-training {a.pretrain_epochs} epochs, then task {a.task}: {a.epochs} "
             f"epochs x {a.train_size} scenes, batch {a.batch_size}, lr {a.lr}, {a.seeds} seeds, {a.eval_size} test "
             f"scenes per column; VILLA K=3, w=1.5, no projection, step = half the radius, radii as fractions of each "
             f"site's norm: text {a.text_eps} / image {a.image_eps}; PGD-10 L2 text {a.attack_text_eps} / image "
@@ -147,8 +152,10 @@ def main(argv=None) -> None:
                     help="only build the cached pre-trained models of this kind (all seeds) and stop")
     ap.add_argument("--cache", default=str(Path.home() / ".cache" / "vlat" / "villa"),
                     help="folder for the per-seed pre-trained weights")
+    add_init_option(ap, "a freshly built one (pre-training, if any, continues from it)")
     add_run_options(ap)
     a = ap.parse_args(argv)
+    check_init(ap, a.init, "single_stream")
     if a.report:
         return table(load_runs(a.report))
     if a.fast:
@@ -157,6 +164,9 @@ def main(argv=None) -> None:
     unknown = [m for m in arms if m not in ARMS]
     if unknown:
         ap.error(f"unknown arm(s) {unknown}; choose from {', '.join(ARMS)}")
+    if a.init and not a.pretrain_epochs and any(ARMS[m][0] == "villa" for m in arms):
+        ap.error("with --init and --pretrain-epochs 0 there is no pre-training for VILLA-pre to change; "
+                 "give --pretrain-epochs, or leave out the VILLA-pre arms")
     a.threads = threads_per_job(a.jobs)
     t0 = time.perf_counter()
     kinds = [a.pretrain_only] if a.pretrain_only else sorted({ARMS[m][0] for m in arms})

@@ -67,14 +67,15 @@ def test_villa_fast_run_builds_each_pretraining_once_and_scores_every_arm(tmp_pa
 def test_radapter_fast_run_scores_arms_wise_ft_and_writes_the_plot(tmp_path, capsys):
     ra = load("radapter")
     out = tmp_path / "rows.json"
-    ra.main(["--fast", "--arms", "zero-shot,full fine-tuning,R-Adapter (+ rescaling)", "--json", str(out)])
+    ra.main(["--fast", "--arms", "zero-shot,full fine-tuning,R-Adapter (+ rescaling),LoRA r=8 (peft)",
+             "--json", str(out)])
     runs = [r for item in json.loads(out.read_text())["runs"] for r in item]
     names = sorted(r["method"] for r in runs)
-    assert names == sorted(["zero-shot", "full fine-tuning", "R-Adapter (+ rescaling)", "WiSE-FT α=0.25",
-                            "WiSE-FT α=0.5", "WiSE-FT α=0.75"])
+    assert names == sorted(["zero-shot", "full fine-tuning", "R-Adapter (+ rescaling)", "LoRA r=8 (peft)",
+                            "WiSE-FT α=0.25", "WiSE-FT α=0.5", "WiSE-FT α=0.75"])
     by = {r["method"]: r for r in runs}
     assert by["zero-shot"]["trainable_%"] == 0 and by["full fine-tuning"]["trainable_%"] == 100
-    assert 0 < by["R-Adapter (+ rescaling)"]["trainable_%"] < 100
+    assert 0 < by["LoRA r=8 (peft)"]["trainable_%"] < by["R-Adapter (+ rescaling)"]["trainable_%"] < 100
     for r in runs:
         shifts = ("sketch", "texture", "composition", "paraphrase", "palette")
         assert 0 <= r["id"] <= 1 and r["ood_mean"] == pytest.approx(sum(r[s] for s in shifts) / 5)
@@ -82,3 +83,61 @@ def test_radapter_fast_run_scores_arms_wise_ft_and_writes_the_plot(tmp_path, cap
     ra.main(["--report", str(out), "--plot", str(tmp_path / "plot.html")])
     assert "| WiSE-FT α=0.5 |" in capsys.readouterr().out
     assert "plotly" in (tmp_path / "plot.html").read_text()
+
+
+SHIPPED = ROOT / "data_samples" / "checkpoints"
+
+
+def test_robustness_and_villa_start_from_a_given_checkpoint_without_pretraining(tmp_path):
+    out = tmp_path / "rows.json"
+    init = str(SHIPPED / "single_stream_tiny_tf.safetensors")
+    load("robustness").main(["--fast", "--methods", "clean", "--init", init, "--cache", str(tmp_path / "cache"),
+                             "--json", str(out)])
+    saved = json.loads(out.read_text())
+    assert f"from {init}" in saved["settings"] and [r["method"] for r in saved["runs"]] == ["clean"]
+    assert not (tmp_path / "cache").exists()                 # nothing pre-trained: every seed starts from init
+    load("villa").main(["--fast", "--arms", "baseline,VILLA-pre", "--init", init, "--cache", str(tmp_path / "v"),
+                        "--json", str(out)])
+    cached = sorted(p.name for p in (tmp_path / "v").glob("*.safetensors"))
+    assert cached == ["single_stream_tiny_tf_clean_seed0_1x128_b128.safetensors",   # both kinds continue from init
+                      "single_stream_tiny_tf_villa_seed0_1x128_b128.safetensors"]
+
+
+@pytest.mark.parametrize("script, init", [("robustness", "clip_tiny_itc"), ("villa", "albef_tiny_pretrain"),
+                                          ("albef_ablation", "single_stream_tiny_itm")])
+def test_an_init_of_the_wrong_kind_is_refused_before_any_work(script, init, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        load(script).main(["--fast", "--init", str(SHIPPED / f"{init}.safetensors"), "--json", str(tmp_path / "r")])
+    assert "checkpoint; these arms need a" in capsys.readouterr().err and not (tmp_path / "r").exists()
+
+
+def test_villa_pre_arms_need_pretraining_epochs_when_starting_from_a_checkpoint(capsys):
+    with pytest.raises(SystemExit):
+        load("villa").main(["--arms", "VILLA-pre", "--pretrain-epochs", "0",
+                            "--init", str(SHIPPED / "single_stream_tiny_itm.safetensors")])
+    assert "no pre-training for VILLA-pre to change" in capsys.readouterr().err
+
+
+def test_albef_ablation_continues_the_shipped_model_with_distillation_on_and_off(tmp_path):
+    out = tmp_path / "rows.json"
+    load("albef_ablation").main(["--fast", "--noise", "0.4", "--init", str(SHIPPED / "albef_tiny_pretrain.safetensors"),
+                                 "--json", str(out)])
+    saved = json.loads(out.read_text())
+    assert "continued from" in saved["settings"]
+    assert sorted(r["distill"] for r in saved["runs"]) == [False, True]
+
+
+def test_radapter_lora_arm_starts_at_the_zero_shot_model_and_trains_only_lora_weights():
+    import torch
+
+    from vlat.models import load_model
+
+    ra = load("radapter")
+    zero, model = load_model(ra.ZERO_SHOT).eval(), load_model(ra.ZERO_SHOT).eval()
+    ra.add_lora(model, 8)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    blocks = len(model.clip.vision_model.encoder.layers) + len(model.clip.text_model.encoder.layers)
+    assert len(trainable) == blocks * 2 * 2                  # A and B on q_proj and v_proj of every block
+    pixels = torch.rand(2, 3, zero.config.image_size, zero.config.image_size)
+    assert torch.equal(model.image_features(pixels)[0], zero.image_features(pixels)[0])   # B = 0 at the start
