@@ -124,7 +124,7 @@ def test_two_step_gradient_matches_the_formula_with_the_clean_side_kept():
     want = torch.autograd.grad(total, params, retain_graph=True)
     for a, b in zip(got, want):
         assert torch.allclose(a, b, atol=1e-5)
-    # detaching the clean side (SMART's choice) would give a different gradient: the test can tell them apart
+    # detaching the clean side would give a different gradient: the test can tell them apart
     detached = 0.5 * (out0.loss + out1.loss + w * symmetric_kl(out1.logits, clean.detach()))
     other = torch.autograd.grad(detached, params, allow_unused=True)
     assert any(o is not None and not torch.allclose(a, o, atol=1e-5) for a, o in zip(got, other))

@@ -33,6 +33,23 @@ def symmetric_kl(p_logits: torch.Tensor, q_logits: torch.Tensor, reduce: bool = 
     return kl_logits(p_logits, q_logits, reduce) + kl_logits(q_logits, p_logits, reduce)
 
 
+def stable_kl(logits: torch.Tensor, target: torch.Tensor, guard: float = 1e-6, reduce: bool = True) -> torch.Tensor:
+    """SMART's ascent objective as the authors' code computes it (mt-dnn ``loss.py``, ``stable_kl``):
+    ``2 Σ_c p_c (r(p_c) - r(q_c))`` with ``p = softmax(logits)``, ``q = softmax(target)`` and the
+    log-odds ``r(p) = -log(1 / (p + g) - 1 + g)`` held constant (detached), so the gradient flows through
+    ``p`` alone. Close to ``2 KL(p ‖ q)``'s gradient, with log-odds in place of log-probabilities.
+    Rows are the leading positions; ``reduce``: divided by their number (the authors' ascent uses the
+    sum, ``reduce=False``)."""
+    p = F.softmax(logits.float().reshape(-1, logits.shape[-1]), dim=-1)
+    q = F.softmax(target.float().reshape(-1, target.shape[-1]), dim=-1)
+
+    def log_odds(x):
+        return -(1.0 / (x.detach() + guard) - 1 + guard).log()
+
+    total = (p * (log_odds(p) - log_odds(q)) * 2).sum()
+    return total / p.shape[0] if reduce else total
+
+
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """``-Σ_c q_c log softmax(logits)_c`` per row, averaged over rows; ``targets`` rows are
     distributions ``[N, C]`` (one-hot rows give ordinary cross-entropy)."""

@@ -20,7 +20,9 @@
 #   Train N/m epochs and the total cost equals clean training.
 # - **YOPO** (Zhang et al., 2019) notices that δ only enters through the first layer. One full pass
 #   gives the gradient at layer one's output, $p = \partial L/\partial f_0$; then n cheap steps move δ
-#   through layer one alone, maximising $\langle f_0(x+\delta), p\rangle$.
+#   through layer one alone, maximising $\langle f_0(x+\delta), p\rangle$. As in the authors' code, layer
+#   one's own weights then also learn from that same product at the new δ (the "Hamiltonian"), and δ
+#   starts uniformly inside the ball.
 #
 # **Headline:** at the cost of clean fine-tuning, FreeAT lifts accuracy under PGD-10 from 0.56 to 0.60;
 # PGD-3 reaches 0.67 and YOPO 0.70, each for several times the passes. Numbers of fast mode on a 2-core
@@ -89,7 +91,8 @@ h2 = model.bert.encoder.layer[-1].register_forward_hook(lambda *a: calls.__setit
 yopo = YOPO(sites=("text",), norm="l2", eps=1.0, step_size=0.3, outer=3, inner=4, trace=True)
 yopo(StepContext.standalone(model, "itm", TrainConfig(seed=SEED, device="cpu")), batch)
 h1.remove(), h2.remove()
-print(calls, "-> m full passes, m·(n+1) passes through layer one")
+print(calls, "-> m full passes; m·(n+2) passes through layer one (per full pass: its own, n inner steps, "
+      "and the Hamiltonian that trains layer one)")
 
 # %% [markdown]
 # What does one inner step cost? `run_layer_one` runs the embeddings and the first block, then stops.

@@ -158,8 +158,12 @@ class Adversary:
 
     # -- the inner maximisation: one loop for the training step and for attack() -----------------
     def start(self, model: VLModel, batch: dict, random_start: bool = False, generator=None) -> dict:
-        """δ₀ per site, as the method's own initialisation (:meth:`attack_start`) draws it."""
-        return self.new_deltas(model, batch, *self.attack_start(random_start), generator=generator)
+        """δ₀ per site, as the method's own initialisation (:meth:`attack_start`) draws it (inside a clamped
+        site's range, see :meth:`feasible`)."""
+        deltas = self.new_deltas(model, batch, *self.attack_start(random_start), generator=generator)
+        sites = self.resolve_sites(model)
+        return {k: self.feasible(sites[k], batch, d.detach()).requires_grad_(True) if sites[k].clamp else d
+                for k, d in deltas.items()}
 
     def attack_start(self, random_start: bool) -> tuple[str, float]:
         """``(init, magnitude)`` of δ₀ (a method's own initialisation; uniform in the ball on request)."""
@@ -170,6 +174,17 @@ class Adversary:
         return 1
 
     needs_clean_logits = False   # the objective compares with the clean prediction (SMART, VILLA, TRADES)
+    # keep x + δ inside a clamped site's range by clamping δ itself (torchattacks' PGD, YOPO's code); False:
+    # only the perturbed input is clamped (FreeAT's code), and δ may hold a part the clamp discards
+    feasible_delta = True
+
+    def feasible(self, site, batch: dict, delta: torch.Tensor) -> torch.Tensor:
+        """``clamp(x + δ) - x`` at a clamped site (pixels: x = ``batch["pixel_values"]``, range [0, 1]),
+        so that every part of δ reaches the input; ``δ`` elsewhere, or when ``feasible_delta`` is off."""
+        if site.clamp is None or not self.feasible_delta:
+            return delta
+        x = batch["pixel_values"].to(delta.device, torch.float32)
+        return (x + delta).clamp(*site.clamp) - x
 
     def clean_reference(self, runner, batch: dict):
         """What :meth:`objective` compares against on a fixed model: the clean logits, without gradient
@@ -238,14 +253,15 @@ class Adversary:
 
     def ascend(self, model: VLModel, batch: dict, deltas: dict, grads: dict) -> dict[str, torch.Tensor]:
         """One projected ascent step on every δ: ``δ ← Π_ε(δ + η · direction(g ⊙ m) ⊙ m) ⊙ m`` (new leaf
-        tensors); the gradient is masked before it is normalised, so padding never sets the step."""
+        tensors), then kept inside a clamped site's range (:meth:`feasible`); the gradient is masked before
+        it is normalised, so padding never sets the step."""
         sites = self.resolve_sites(model)
         out = {}
         for name, d in deltas.items():
             m = sites[name].mask(batch).to(d.device)
             step = self.direction(sites[name], grads[name] * m)
             new = project(d.detach() + self.step_length(name) * step * m, self.scale(name) * self.eps, self.norm) * m
-            out[name] = new.requires_grad_(True)
+            out[name] = self.feasible(sites[name], batch, new).requires_grad_(True)
         return out
 
 

@@ -9,6 +9,10 @@ steps; one optimiser step per batch (after clipping, by the loop):
     for t = 1..K:   g_t = ∇_δ L(x + δ_{t-1}) / K;   θ-grads += ∇_θ L(x + δ_{t-1}) / K
                     δ_t = Π_ε(δ_{t-1} + η · g_t / ||g_t||)        (not after the last step)
 
+(``||g||`` per example in the method's norm: L2, or L-inf, where the step is ``g / max |g|``, not ``sign(g)``.)
+This is the authors' loop (``zhuchen03/FreeLB``, ``huggingface-transformers/examples/run_glue_freelb.py``,
+commit 2100e74); ``tests/test_fidelity.py`` re-computes it and compares δ and the gradients.
+
 **Dropout.** The same dropout masks are used in all K steps: the RNG state is captured before step 1
 and restored before every step, so δ chases one network, not K (FreeLB's reference reuses masks).
 ``tests/test_methods.py`` checks the masks are identical.
@@ -25,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vlat.adversarial.base import Adversary, check_number
+from vlat.adversarial.base import Adversary, bview, check_number, normalize_grad, per_example_norm
 from vlat.adversarial.registry import INIT_MAG, STEPS, Paper, register
 
 
@@ -100,6 +104,13 @@ class FreeLB(Adversary):
     def attack_steps(self) -> int:
         """δ₀ then K-1 ascents: the last δ a training step back-propagates."""
         return self.steps - 1
+
+    def direction(self, site, g: torch.Tensor) -> torch.Tensor:
+        """The authors' step direction, per example: ``g / ||g||₂`` (L2) or ``g / ||g||_∞`` (L-inf; not
+        ``sign(g)``: FreeLB's and VILLA's code scale the step by the gradient's largest entry)."""
+        if self.norm == "linf":
+            return g / bview(per_example_norm(g, "linf").clamp_min(1e-8), g)
+        return normalize_grad(g, "l2")
 
     # -- the pieces a variant may replace (VILLA: a clean forward, a KL term, fp16 care) -----------------
     def clean_logits(self, runner, batch):

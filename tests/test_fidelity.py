@@ -1,0 +1,343 @@
+"""The authors' released training steps, re-computed in a few lines of our own, against vlat's.
+
+One section per method. Each re-implements what the authors' loop computes (cited by repository, file
+and commit; written here from reading it, not copied), runs it and vlat on the same tiny model, batch
+and δ initialisation, and compares δ, the loss and the parameter gradients. Dropout is off in both, so
+the two differ only by what they compute.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import make_batch
+from vlat.adversarial import SMART
+from vlat.models import build_model, perturbed
+from vlat.objectives import stable_kl
+from vlat.train import StepContext, TrainConfig
+
+
+def no_dropout(model):
+    model.apply(lambda m: setattr(m, "p", 0.0) if isinstance(m, torch.nn.Dropout) else None)
+    return model
+
+
+def tiny(name="single_stream"):
+    torch.manual_seed(0)
+    return no_dropout(build_model(name, "nano").train())
+
+
+def run_step(step, model, task, batch, sgd=None):
+    """Run one vlat training step; return (loss it reported, {param name: gradient it was about to apply},
+    δ₀ it drew, every δ its ascent produced). The optimiser is replaced by a recorder, which also takes a
+    plain SGD step of learning rate ``sgd`` when given (methods that step inside their loop: FreeAT)."""
+    ctx = StepContext.standalone(model, task, TrainConfig(lr=1e-3, device="cpu", grad_clip=0.0), total_steps=10)
+    grads, starts, ascents = {}, [], []
+
+    def record(loss=None):
+        grads.update({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
+        if sgd:
+            with torch.no_grad():
+                for p in model.parameters():
+                    if p.grad is not None:
+                        p -= sgd * p.grad
+        model.zero_grad(set_to_none=True)
+        return True
+
+    ctx.optimizer_step = record
+    start, ascend = step.start, step.ascend
+    step.start = lambda *a, **k: starts.append(start(*a, **k)) or starts[-1]
+    step.ascend = lambda *a, **k: ascents.append(ascend(*a, **k)) or ascents[-1]
+    loss = step(ctx, batch)
+    return loss, grads, starts, ascents
+
+
+def assert_grads_close(got: dict, want: dict, atol=1e-6):
+    assert set(got) == set(want)
+    for n in want:
+        assert torch.allclose(got[n], want[n], atol=atol, rtol=1e-5), n
+
+
+# ---- SMART: namisan/mt-dnn, mt_dnn/perturbation.py (SmartPerturbation.forward) and mt_dnn/loss.py
+# (stable_kl, SymKlCriterion), commit 676b48b120e04c25ad138f5affb0d6842ba366af ----------------------------
+def mtdnn_stable_kl(logit, target, epsilon=1e-6):
+    """loss.py's stable_kl with reduce=False: 2 Σ p (r_p - r_y), r = detached log-odds with a guard."""
+    p = F.softmax(logit.float().view(-1, logit.size(-1)), 1)
+    y = F.softmax(target.float().view(-1, target.size(-1)), 1)
+    rp = (1.0 / (p + epsilon) - 1 + epsilon).detach().log().neg()
+    ry = (1.0 / (y + epsilon) - 1 + epsilon).detach().log().neg()
+    return (2 * p * (rp - ry)).sum()
+
+
+def mtdnn_smart(model, batch, task, site, noise, step_size=1e-3, epsilon=1e-6, k=1, adv_alpha=1.0):
+    """SmartPerturbation.forward then model.py's ``loss + adv_alpha * adv_loss``; returns (δ, total loss,
+    parameter gradients). ``noise`` is their generate_noise draw (here: vlat's δ₀)."""
+    out = model(batch, task)
+    logits = out.logits
+    noise = noise.detach().clone().requires_grad_()
+    for _ in range(k):
+        with perturbed(model, {site: noise}, batch):
+            adv_logits = model(batch, task).logits
+        (g,) = torch.autograd.grad(mtdnn_stable_kl(adv_logits, logits.detach()), noise)
+        moved = noise + g * step_size
+        noise = (moved / (moved.abs().max(-1, keepdim=True)[0] + epsilon)).detach().requires_grad_()
+    with perturbed(model, {site: noise}, batch):
+        adv_logits = model(batch, task).logits
+    sym = (F.kl_div(F.log_softmax(logits.float(), -1), F.softmax(adv_logits.detach().float(), -1), reduction="batchmean")
+           + F.kl_div(F.log_softmax(adv_logits.float(), -1), F.softmax(logits.detach().float(), -1), reduction="batchmean"))
+    total = out.loss + adv_alpha * sym
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    grads = torch.autograd.grad(total, [dict(model.named_parameters())[n] for n in names], allow_unused=True)
+    return noise.detach(), total.detach(), {n: g for n, g in zip(names, grads) if g is not None}
+
+
+def test_stable_kl_by_hand():
+    """p = (.75, .25), q = (.5, .5): log-odds ±log 3 and 0, so 2 (.75 log 3 - .25 log 3) = log 3."""
+    p, q = torch.tensor([[math.log(3.0), 0.0]]), torch.zeros(1, 2)
+    assert float(stable_kl(p, q)) == pytest.approx(math.log(3.0), rel=1e-5)
+    assert float(stable_kl(q, q)) == 0.0
+    two = torch.cat([p, p])
+    assert float(stable_kl(two, torch.zeros(2, 2), reduce=False)) == pytest.approx(2 * math.log(3.0), rel=1e-5)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("site", ["text", "image"])
+def test_smart_defaults_are_the_authors_step(site, k):
+    model = tiny()
+    batch = make_batch("itm")
+    loss, grads, starts, ascents = run_step(SMART(sites=(site,), steps=k), model, "itm", batch)
+    model.zero_grad(set_to_none=True)
+    delta, total, want = mtdnn_smart(model, batch, "itm", site, starts[0][site], k=k)
+    mask = model.perturbation_sites()[site].mask(batch)
+    assert torch.allclose(ascents[-1][site].detach(), delta * mask, atol=1e-6)
+    assert_grads_close(grads, want)
+    # the authors' update normalises δ: every real token ends at an L-inf size just under 1 (the 1e-6
+    # guard takes a few per cent while max |δ + ηg| is of the order of σ = 1e-5)
+    per_token = delta.abs().amax(-1)[mask.expand_as(delta).amax(-1) > 0]
+    assert ((per_token > 0.9) & (per_token <= 1.0)).all()
+    assert float(starts[0][site].detach().abs().max()) < 1e-3                     # from σ = 1e-5 noise
+
+
+def test_smart_eps_runs_the_authors_step_in_units_of_eps():
+    """eps = r: u = δ/r takes the authors' step with the gradient w.r.t. u (r g), and δ = r u, so every
+    token ends at size r; r = 1 is the authors' arithmetic (the test above)."""
+    model, batch, r = tiny(), make_batch("itm"), 0.05
+    _, _, starts, ascents = run_step(SMART(sites=("text",), eps=r), model, "itm", batch)
+    model.zero_grad(set_to_none=True)
+    d0 = starts[0]["text"].detach().clone().requires_grad_()
+    assert float(d0.detach().abs().max()) < 1e-5 * r * 6                       # σ r N(0, 1)
+    clean = model(batch, "itm").logits.detach()
+    with perturbed(model, {"text": d0}, batch):
+        (g,) = torch.autograd.grad(mtdnn_stable_kl(model(batch, "itm").logits, clean), d0)
+    u = d0.detach() / r + 1e-3 * r * g
+    mask = model.perturbation_sites()["text"].mask(batch)
+    want = r * u / (u.abs().amax(-1, keepdim=True) + 1e-6) * mask
+    assert torch.allclose(ascents[-1]["text"].detach(), want, atol=1e-8)
+    per_token = want.abs().amax(-1)[mask.expand_as(want).amax(-1) > 0]
+    assert ((per_token > 0.9 * r) & (per_token <= r)).all()              # just under r (the guard)
+
+
+# ---- YOPO: a1600012888/YOPO-You-Only-Propagate-Once, experiments/CIFAR10/pre-res18.yopo-5-3/
+# training_function.py (FastGradientLayerOneTrainer.step, train_one_epoch) and loss.py (Hamiltonian),
+# commit 484acff10e46ec4e37f372613be38b4cc8d123d1 -----------------------------------------------------------
+def authors_yopo(model, batch, task, site, eta, K, inner, sigma, eps):
+    """One batch of their train_one_epoch (no pixel clamp: a token site): returns (η, parameter grads).
+    ``net.layer_one`` is the model's layer one (embeddings + first block); ``layer_one_out`` its output."""
+    from vlat.models.base import run_layer_one
+
+    block, _ = model.layer_one(site)
+    eta = eta.detach().clone().requires_grad_()
+    model.zero_grad(set_to_none=True)
+    for _ in range(K):
+        box = {}
+
+        def keep(module, args, output):
+            box["out"] = output[0] if isinstance(output, tuple) else output
+            box["out"].retain_grad()
+
+        h = block.register_forward_hook(keep)
+        with perturbed(model, {site: eta.detach()}, batch):
+            loss = model(batch, task).loss
+        h.remove()
+        loss.backward()                                          # TotalLoss.backward(): summed over the K passes
+        p = -1.0 * box["out"].grad.detach()                      # p = -layer_one_out.grad
+        for _ in range(inner):                                   # LayerOneTrainer.step
+            with perturbed(model, {site: eta}, batch):
+                H = (run_layer_one(model, site, batch) * p).sum()   # Hamiltonian(x, p) = sum(layer(x) * p)
+            eta = eta - torch.autograd.grad(H, eta)[0].sign() * sigma
+            eta = eta.clamp(-eps, eps).detach().requires_grad_()
+        with perturbed(model, {site: eta.detach()}, batch):
+            (-1.0 * (run_layer_one(model, site, batch) * p).sum()).backward()   # loss = -H, into layer one
+    return eta.detach(), {n: q.grad.detach().clone() for n, q in model.named_parameters() if q.grad is not None}
+
+
+@pytest.mark.parametrize("site", ["text", "image"])
+def test_yopo_is_the_authors_loop(site):
+    from vlat.adversarial import YOPO
+
+    model, batch = tiny(), make_batch("itm")
+    K, inner, sigma, eps = 3, 2, 0.02, 0.05
+    step = YOPO(sites=(site,), norm="linf", eps=eps, step_size=sigma, outer=K, inner=inner, sum_passes=True)
+    _, grads, starts, ascents = run_step(step, model, "itm", batch)
+    d0 = starts[0][site]
+    mask = model.perturbation_sites()[site].mask(batch)
+    assert eps / 2 < float(d0.detach().abs().max()) <= eps     # δ₀ ~ U(-ε, ε), masked
+    eta, want = authors_yopo(model, batch, "itm", site, d0, K, inner, sigma, eps)
+    assert torch.allclose(ascents[-1][site].detach(), eta * mask, atol=1e-7)
+    assert_grads_close(grads, want, atol=1e-6)
+    # averaged passes (vlat's default): the same δ and exactly 1/K of every gradient
+    model.zero_grad(set_to_none=True)
+    step.sum_passes, step.start = False, lambda *a, **k: {site: d0.clone().requires_grad_()}
+    _, mean_grads, _, _ = run_step(step, model, "itm", batch)
+    assert_grads_close(mean_grads, {n: g / K for n, g in want.items()}, atol=1e-7)
+
+
+def test_yopo_without_the_hamiltonian_update_differs_in_layer_one_only():
+    """layer_one_update=False (vlat before this harness) gives other gradients in the embeddings and the
+    first block, and the same ones in every block past it: the harness can tell the two apart."""
+    from vlat.adversarial import YOPO
+
+    model, batch = tiny(), make_batch("itm")
+    runs = []
+    for update in (True, False):
+        step = YOPO(sites=("text",), eps=0.05, step_size=0.02, outer=2, inner=2, layer_one_update=update,
+                    random_start=False)
+        runs.append(run_step(step, model, "itm", batch)[1])
+        model.zero_grad(set_to_none=True)
+    with_h, without = runs
+    differs = {n for n in with_h if not torch.allclose(with_h[n], without[n], atol=1e-8)}
+    assert any(n.startswith("bert.encoder.layer.0.") for n in differs)
+    deep = [n for n in with_h if n.startswith("bert.encoder.layer.") and not n.startswith("bert.encoder.layer.0.")]
+    assert deep and not differs & set(deep)
+
+
+# ---- FreeAT: mahyarnajibi/FreeAdversarialTraining, main_free.py (train), commit
+# d70774030871fa3207e09ce8528c1b84cd690603 --------------------------------------------------------------------
+def authors_free(model, batches, task, site, n_repeats, fgsm_step, clip_eps, lr):
+    """Their train loop over ``batches`` with one global noise carried across them; plain SGD stands in
+    for their SGD with momentum (the same on both sides). Returns the final global noise."""
+    noise = None
+    for batch in batches:
+        shape = model.perturbation_sites()[site].shape(batch)
+        noise = torch.zeros(shape) if noise is None else noise
+        for _ in range(n_repeats):
+            noise_batch = noise[0:shape[0]].clone().requires_grad_(True)
+            with perturbed(model, {site: noise_batch}, batch):
+                loss = model(batch, task).loss
+            model.zero_grad(set_to_none=True)
+            loss.backward()
+            noise[0:shape[0]] += fgsm_step * noise_batch.grad.sign()      # pert = fgsm(grad, step)
+            noise.clamp_(-clip_eps, clip_eps)
+            with torch.no_grad():                                         # optimizer.step()
+                for p in model.parameters():
+                    if p.grad is not None:
+                        p -= lr * p.grad
+    return noise
+
+
+@pytest.mark.parametrize("carry", [True, False])
+def test_freeat_is_the_authors_loop_with_carry(carry):
+    from vlat.adversarial import FreeAT
+
+    batches = [make_batch("itm", n=6, seed=s) for s in range(3)]
+    kw = dict(sites=("image",), norm="linf", eps=0.05, step_size=0.02, replays=3)
+    ours, theirs = tiny(), tiny()
+    step = FreeAT(carry=carry, **kw)
+    for batch in batches:
+        _, _, _, ascents = run_step(step, ours, "itm", batch, sgd=0.05)
+    if carry:
+        noise = authors_free(theirs, batches, "itm", "image", 3, 0.02, 0.05, 0.05)
+        assert torch.allclose(ascents[-1]["image"].detach(), noise, atol=1e-7)
+    else:                                                   # vlat's default: δ from zero at every batch
+        for batch in batches:
+            authors_free(theirs, [batch], "itm", "image", 3, 0.02, 0.05, 0.05)
+    for (n, a), (_, b) in zip(ours.named_parameters(), theirs.named_parameters()):
+        assert torch.allclose(a, b, atol=1e-6), n
+
+
+def test_freeat_carry_refuses_a_text_site():
+    from vlat.adversarial import FreeAT
+
+    with pytest.raises(ValueError, match="same shape in every batch"):
+        FreeAT(sites=("text",), carry=True)
+
+
+# ---- FreeLB: zhuchen03/FreeLB, huggingface-transformers/examples/run_glue_freelb.py (train, the
+# "Code for adversarial training" block), commit 2100e7437909f7a56db20975c00e7ca5fe715a55 --------------------
+def authors_freelb(model, batch, task, delta, adv_steps, adv_lr, adv_max_norm, norm_type):
+    """Their K steps for one batch: returns (δ of the last step, parameter gradients before the optimiser)."""
+    model.zero_grad(set_to_none=True)
+    delta = delta.detach().clone()
+    for astep in range(adv_steps):
+        delta.requires_grad_()
+        with perturbed(model, {"text": delta}, batch):
+            loss = model(batch, task).loss / adv_steps
+        loss.backward()
+        if astep == adv_steps - 1:
+            break
+        g = delta.grad.clone().detach()
+        p = 2 if norm_type == "l2" else float("inf")
+        denorm = torch.norm(g.view(g.size(0), -1), dim=1, p=p).view(-1, 1, 1).clamp(min=1e-8)
+        delta = (delta + adv_lr * g / denorm).detach()
+        if adv_max_norm > 0 and norm_type == "l2":
+            delta_norm = torch.norm(delta.view(delta.size(0), -1).float(), p=2, dim=1).detach()
+            exceed = (delta_norm > adv_max_norm).to(delta)
+            delta = (delta * (adv_max_norm / delta_norm * exceed + (1 - exceed)).view(-1, 1, 1)).detach()
+        elif adv_max_norm > 0:
+            delta = delta.clamp(-adv_max_norm, adv_max_norm).detach()
+    return delta.detach(), {n: q.grad.detach().clone() for n, q in model.named_parameters() if q.grad is not None}
+
+
+@pytest.mark.parametrize("norm,max_norm", [("l2", 0.0), ("l2", 0.3), ("linf", 0.0), ("linf", 0.02)])
+def test_freelb_is_the_authors_loop(norm, max_norm):
+    from vlat.adversarial import FreeLB
+
+    model, batch = tiny(), make_batch("itm")
+    step = FreeLB(sites=("text",), norm=norm, eps=max_norm, step_size=0.1, steps=3, init_mag=0.2)
+    _, grads, starts, ascents = run_step(step, model, "itm", batch)
+    d0 = starts[0]["text"].detach()
+    if norm == "l2":   # their L2 init: U(-1, 1) ⊙ m · init_mag / sqrt(len · D)
+        mask = model.perturbation_sites()["text"].mask(batch)
+        dims = mask.squeeze(-1).sum(1) * d0.shape[-1]
+        assert (d0.flatten(1).abs().amax(1) <= 0.2 / dims.sqrt() + 1e-7).all()
+    delta, want = authors_freelb(model, batch, "itm", d0, 3, 0.1, max_norm, norm)
+    assert torch.allclose(ascents[-1]["text"].detach(), delta, atol=1e-7)
+    assert_grads_close(grads, want)
+
+
+# ---- PGD: torchattacks (Harry24k/adversarial-attacks-pytorch), torchattacks/attacks/pgd.py (PGD.forward),
+# the L-inf evaluation attack on pixels -----------------------------------------------------------------------
+def torchattacks_pgd(model, batch, task, start, eps, alpha, steps):
+    """Their loop from the random start ``clamp(x + U(-ε, ε))`` (here: ``x + δ₀``, our draw): sign steps on
+    the loss at the image, δ clipped to ε and the image to [0, 1]. Returns the final δ."""
+    images = batch["pixel_values"]
+    adv = (images + start).clamp(0, 1).detach()
+    for _ in range(steps):
+        adv.requires_grad_(True)
+        cost = model({**batch, "pixel_values": adv}, task).loss
+        grad = torch.autograd.grad(cost, adv)[0]
+        adv = adv.detach() + alpha * grad.sign()
+        delta = torch.clamp(adv - images, min=-eps, max=eps)
+        adv = torch.clamp(images + delta, 0, 1).detach()
+    return adv - images
+
+
+@pytest.mark.parametrize("name,task", [("single_stream", "itm"), ("clip", "classify")])
+def test_pgd_attack_is_torchattacks_pgd(name, task):
+    from vlat.adversarial import PGD
+
+    model, batch = tiny(name).eval(), make_batch(task)
+    eps, alpha = 0.3, 0.1   # large enough to reach the [0, 1] edges (pixels here lie in [0.12, 0.93])
+    pgd = PGD(sites=("pixels",), norm="linf", eps=eps, step_size=alpha, steps=10)
+    starts = []
+    start = pgd.start
+    pgd.start = lambda *a, **k: starts.append(start(*a, **k)) or starts[-1]
+    ours = pgd.attack(model, batch, task, generator=torch.Generator().manual_seed(0))["pixels"]
+    d0 = starts[0]["pixels"].detach()
+    x = batch["pixel_values"]
+    assert ((x + d0) >= 0).all() and ((x + d0) <= 1).all() and d0.abs().max() <= eps   # a feasible random start
+    want = torchattacks_pgd(model, batch, task, d0, eps, alpha, 10)
+    assert torch.allclose(ours, want, atol=1e-6)
+    assert ((x + ours) >= 0).all() and ((x + ours) <= 1).all()
