@@ -85,8 +85,9 @@ def mtdnn_smart(model, batch, task, site, noise, step_size=1e-3, epsilon=1e-6, k
         noise = (moved / (moved.abs().max(-1, keepdim=True)[0] + epsilon)).detach().requires_grad_()
     with perturbed(model, {site: noise}, batch):
         adv_logits = model(batch, task).logits
-    sym = (F.kl_div(F.log_softmax(logits.float(), -1), F.softmax(adv_logits.detach().float(), -1), reduction="batchmean")
-           + F.kl_div(F.log_softmax(adv_logits.float(), -1), F.softmax(logits.detach().float(), -1), reduction="batchmean"))
+    lsm, sm = F.log_softmax, F.softmax
+    sym = (F.kl_div(lsm(logits.float(), -1), sm(adv_logits.detach().float(), -1), reduction="batchmean")
+           + F.kl_div(lsm(adv_logits.float(), -1), sm(logits.detach().float(), -1), reduction="batchmean"))
     total = out.loss + adv_alpha * sym
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     grads = torch.autograd.grad(total, [dict(model.named_parameters())[n] for n in names], allow_unused=True)
@@ -341,3 +342,93 @@ def test_pgd_attack_is_torchattacks_pgd(name, task):
     want = torchattacks_pgd(model, batch, task, d0, eps, alpha, 10)
     assert torch.allclose(ours, want, atol=1e-6)
     assert ((x + ours) >= 0).all() and ((x + ours) <= 1).all()
+
+
+# ---- VILLA: zhegan27/VILLA, train_vqa_adv.py (the "Code for adversarial training" block), commit
+# 8aa6ac25a389f0168f873581079e2fc02a9ab674; vlat's task loss stands in for their VQA BCE ----------------------
+def authors_villa(model, batch, task, modality, adv_steps, adv_lr, kl_weight):
+    """Their K steps from δ = 0 with the clean scores kept with gradient: returns (final δ per modality,
+    parameter gradients before the optimiser)."""
+    sites = model.perturbation_sites()
+    gt = model(batch, task).logits
+    gt_prob, gt_logprob = F.softmax(gt, dim=1), F.log_softmax(gt, dim=1)
+    txt = torch.zeros(sites["text"].shape(batch))
+    img = torch.zeros(sites["image"].shape(batch))
+    model.zero_grad(set_to_none=True)
+
+    def scored(deltas):
+        with perturbed(model, deltas, batch):
+            out = model(batch, task)
+        kl = (F.kl_div(F.log_softmax(out.logits, dim=1), gt_prob, reduction="none")
+              + F.kl_div(gt_logprob, F.softmax(out.logits, dim=1), reduction="none"))
+        return out.loss, kl.mean() * gt.size(1)                       # "instance-level": per-example sums
+
+    active = {"text": ["text"], "image": ["image"], "both": ["text", "image"],
+              "alternating": ["text", "image"]}[modality]
+    for astep in range(adv_steps):
+        txt = txt.detach().requires_grad_("text" in active)
+        img = img.detach().requires_grad_("image" in active)
+        if modality != "alternating":
+            bce, kl = scored({"text": txt, "image": img})
+            loss = (bce + kl_weight * kl) / adv_steps
+        else:
+            bce1, kl1 = scored({"text": txt})
+            bce2, kl2 = scored({"image": img})
+            loss = (bce1 + bce2 + kl_weight * (kl1 + kl2)) / (adv_steps * 2)
+        loss.backward(retain_graph=True)
+        if astep == adv_steps - 1:
+            break
+        for name in active:
+            d = txt if name == "text" else img
+            g = d.grad.clone().detach()
+            denorm = torch.norm(g.view(g.size(0), -1), dim=1).view(-1, 1, 1).clamp(min=1e-8)
+            d = (d + adv_lr * g / denorm).detach()
+            txt, img = (d, img) if name == "text" else (txt, d)
+    grads = {n: q.grad.detach().clone() for n, q in model.named_parameters() if q.grad is not None}
+    return {"text": txt.detach(), "image": img.detach()}, grads
+
+
+@pytest.mark.parametrize("modality", ["text", "image", "both", "alternating"])
+def test_villa_is_the_authors_loop(modality):
+    from vlat.adversarial import VILLA
+
+    model, batch = tiny(), make_batch("itm")
+    step = VILLA(modality=modality, kl_weight=1.5, steps=3, step_size=0.3)
+    _, grads, _, ascents = run_step(step, model, "itm", batch)
+    deltas, want = authors_villa(model, batch, "itm", modality, 3, 0.3, 1.5)
+    for name, d in ascents[-1].items():
+        assert torch.allclose(d.detach(), deltas[name], atol=1e-6), name
+    assert_grads_close(grads, want, atol=2e-6)
+
+
+# ---- FGM (Miyato, Dai & Goodfellow 2017: r_adv = ε g / ||g||₂ per example, trained on L(x) + L(x + r_adv))
+# and FGSM (Goodfellow et al. 2015: x_adv = clamp(x + ε sign(g))), as the survey's pseudo-code writes them ----
+def one_step(model, batch, task, site, eps, norm):
+    """Returns (δ, parameter gradients of L(x) + L(x + δ)) with δ from the gradient at x."""
+    model.zero_grad(set_to_none=True)
+    zero = torch.zeros(model.perturbation_sites()[site].shape(batch), requires_grad=True)
+    with perturbed(model, {site: zero}, batch):
+        clean = model(batch, task).loss
+    (g,) = torch.autograd.grad(clean, zero, retain_graph=True)
+    if norm == "l2":
+        delta = eps * g / g.flatten(1).norm(dim=1).clamp_min(1e-8).view(-1, *[1] * (g.dim() - 1))
+    else:
+        delta = eps * g.sign()
+        x = batch["pixel_values"]
+        delta = (x + delta).clamp(0, 1) - x                           # x_adv = clamp(x + ε sign(g))
+    with perturbed(model, {site: delta}, batch):
+        adv = model(batch, task).loss
+    (clean + adv).backward()
+    return delta, {n: q.grad.detach().clone() for n, q in model.named_parameters() if q.grad is not None}
+
+
+@pytest.mark.parametrize("method,site,norm,eps", [("FGM", "text", "l2", 0.5), ("FGM", "image", "l2", 2.0),
+                                                  ("FGSM", "pixels", "linf", 0.2)])
+def test_fgm_and_fgsm_are_the_papers_step(method, site, norm, eps):
+    import vlat.adversarial as adv
+
+    model, batch = tiny(), make_batch("itm")
+    _, grads, _, ascents = run_step(getattr(adv, method)(sites=(site,), eps=eps), model, "itm", batch)
+    delta, want = one_step(model, batch, "itm", site, eps, norm)
+    assert torch.allclose(ascents[-1][site].detach(), delta, atol=1e-6)
+    assert_grads_close(grads, want)

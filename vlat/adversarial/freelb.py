@@ -92,6 +92,7 @@ class FreeLB(Adversary):
     step_size: float = 0.1         # adv_lr η
     steps: int = 3                 # K
     init_mag: float = 0.2          # δ₀ magnitude (0: start at zero)
+    same_dropout: bool = True      # one set of dropout masks for every forward of a step (FreeLB's code)
 
     def __post_init__(self):
         super().__post_init__()
@@ -129,7 +130,7 @@ class FreeLB(Adversary):
         total, stopped = [], []
         deltas = self.start(ctx.model, batch)            # drawn before the dropout state is captured
         with SameDropout(ctx.device) as same:
-            run = same.runner(ctx)
+            run = same.runner(ctx) if self.same_dropout else ctx
             clean = self.clean_logits(run, batch)
 
             def learn(loss, deltas):                     # θ-grads accumulate over the K steps

@@ -97,7 +97,8 @@ class SMART(Adversary):
     def __post_init__(self):
         super().__post_init__()
         if not self.eps > 0:
-            raise ValueError(f"eps must be > 0 for SMART: it is the per-token size δ is normalised to; got {self.eps!r}")
+            raise ValueError(f"eps must be > 0 for SMART: it is the per-token size δ is normalised to; "
+                             f"got {self.eps!r}")
         check_number("steps", self.steps, 1, 1000, integer=True)
         check_number("sigma", self.sigma, 0.0)
         check_number("guard", self.guard, 0.0)

@@ -27,10 +27,17 @@ the KL pulls the clean prediction towards the adversarial one as well as the rev
   is never touched — tested);
 - ``"both"``: one forward per step with both δ attached (a joint perturbation);
 - ``"alternating"``: the paper's ``R_at`` written out: per step, one forward with the text δ only and
-  one with the image δ only, their losses summed ("perturb one modality at a time"); twice the passes.
+  one with the image δ only, their losses averaged ("perturb one modality at a time"; the authors'
+  code divides their sum by 2K); twice the passes.
 
 ``text_site`` / ``image_site`` name the sites (``image_site="pixels"`` perturbs pixels instead of the
-patch/region embeddings). Same dropout masks in every forward of a step (``SameDropout``), as FreeLB.
+patch/region embeddings).
+
+**The authors' loop** (``zhegan27/VILLA``, ``train_vqa_adv.py``, commit 8aa6ac2) is what the training
+step computes; ``tests/test_fidelity.py`` re-computes it and compares δ and every gradient. One deviation,
+with the option that removes it: vlat uses the same dropout masks in every forward of a step
+(``SameDropout``, as FreeLB's code), so that step 1 is exactly the clean loss and the KL measures δ, not
+dropout noise; the authors' VILLA draws fresh masks in each forward (``same_dropout=False``).
 
 **Which logits the KL compares.** The task output's ``logits``: class scores for ``itm``/``qa``/``tf``;
 for ``mlm``, the masked positions only (``labels != -100``); for the ``pretrain`` tasks, the ITM head
@@ -146,12 +153,12 @@ class VILLA(FreeLB):
     def objective(self, runner, batch, deltas, clean=None) -> torch.Tensor:
         """Adversarial loss (one forward per site group) + w · symmetric KL to the clean prediction; the
         same objective in training (clean logits with gradient) and in ``attack()`` (without)."""
-        loss, kl = 0.0, 0.0
-        for group in self.groups:
-            out = forward_with(runner, batch, {k: deltas[k] for k in group})
-            loss = loss + out.loss
+        loss, kl, n = 0.0, 0.0, len(self.groups)
+        for group in self.groups:                       # alternating: the mean of the two forwards, as the
+            out = forward_with(runner, batch, {k: deltas[k] for k in group})   # authors divide by 2K
+            loss = loss + out.loss / n
             if clean is not None:
-                kl = kl + task_kl(out.logits, clean, out.labels)
+                kl = kl + task_kl(out.logits, clean, out.labels) / n
         if clean is None:
             self._kl = None
             return loss
