@@ -101,7 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--task", default=None, choices=TASKS,
                    help="task to score: accuracy for itm/qa/tf/classify, TR@1 for itc; default: itm for "
                    "single_stream, classify (zero-shot) for clip")
-    e.add_argument("--shifts", default="all", help="comma-separated shifts, 'all' or 'none'")
+    e.add_argument("--shifts", default="all", help="comma-separated shifts: 'all' (the semantic ones), 'none', "
+                   "names of semantic shifts, 'corruptions' (noise, blur, digital, fog; 5 severities each), a "
+                   "corruption's name, or name@severity")
     e.add_argument("--json", default=None, help="also write the table to this JSON file")
     e.add_argument("--attack", default=None, choices=registry.names(), metavar="METHOD",
                    help="also report robust accuracy under this method's inner maximisation: pgd (PGD-K with random "
@@ -214,22 +216,52 @@ def cmd_train(a) -> int:
     return 0
 
 
+def parse_shifts(text: str) -> tuple[tuple, list]:
+    """``--shifts``: ``all`` (the semantic shifts), ``none``, or a comma-separated list of semantic shifts,
+    ``corruptions`` (every common corruption), corruption names (mean over severities 1-5) and
+    ``name@severity``. Returns (semantic shifts, corruption items); unknown names are refused."""
+    from vlat.world.corruptions import CORRUPTIONS, check_corruption
+    from vlat.world.scenes import SHIFTS
+
+    if text == "all":
+        return SHIFTS, []
+    if text == "none":
+        return (), []
+    shifts, corruptions = [], []
+    for token in (t.strip() for t in text.split(",") if t.strip()):
+        name, _, level = token.partition("@")
+        if token == "corruptions":
+            corruptions += list(CORRUPTIONS)
+        elif name in CORRUPTIONS:
+            if level and not level.isdigit():
+                raise ValueError(f"--shifts {token!r}: the severity after @ must be 1-5")
+            if level:
+                check_corruption(name, int(level))
+            corruptions.append((name, int(level)) if level else name)
+        elif token in SHIFTS:
+            shifts.append(token)
+        else:
+            raise ValueError(f"unknown shift {token!r}; choose from {', '.join(SHIFTS)}, 'corruptions' or a "
+                             f"corruption ({', '.join(CORRUPTIONS)}, optionally name@1-5)")
+    return tuple(shifts), corruptions
+
+
 def cmd_eval(a) -> int:
     from vlat.evaluate import markdown_table, ood_table
     from vlat.models import load_model, model_tokenizer
     from vlat.train import resolve_device
-    from vlat.world.scenes import SHIFTS
 
+    shifts, corruptions = parse_shifts(a.shifts)                   # bad names are refused before any work
     model = load_model(a.checkpoint).to(resolve_device(a.device))
     task = a.task or model.primary_task
     if task not in model.tasks and task != "itc":  # retrieval (itc) works for every model
         raise ValueError(f"a {model.kind} model cannot be scored on {task!r}; it supports {', '.join(model.tasks)}")
-    shifts = SHIFTS if a.shifts == "all" else () if a.shifts == "none" else tuple(a.shifts.split(","))
-    for s in shifts:
-        if s not in SHIFTS:
-            raise ValueError(f"unknown shift {s!r}; choose from {', '.join(SHIFTS)}")
     tok = model_tokenizer(model)
     table = ood_table(model, task, a.eval_size, a.seed, shifts=shifts, tokenizer=tok)
+    if corruptions:
+        from vlat.evaluate import corruption_table
+
+        table.update(corruption_table(model, task, a.eval_size, a.seed, corruptions, tokenizer=tok))
     metric = "TR@1" if task == "itc" else "accuracy"
     if a.attack:
         if task == "itc":
