@@ -26,7 +26,7 @@
 #
 # **Headline:** the KL term keeps the prediction where it was. After the same fine-tuning of the shipped
 # model, PGD-10 on the image moves its prediction by a mean symmetric KL of 5.0 (clean fine-tuning), 2.6
-# (FreeLB, w = 0) and 1.1 (VILLA, w = 1.5), for clean accuracy 0.86 → 0.81 → 0.68. Numbers of fast mode
+# (FreeLB, w = 0) and 1.0 (VILLA, w = 1.5), for clean accuracy 0.86 → 0.81 → 0.68. Numbers of fast mode
 # on a 2-core CPU; section 3 prints those of your run.
 
 # %%
