@@ -104,6 +104,21 @@ def mean_std(values: list[float], digits: int = 3) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {sd:.{digits}f}"
 
 
+def ood_means(model, task: str, size: int, tokenizer, row: dict) -> dict:
+    """Three OOD summaries of a row that already holds every semantic shift: their mean, their mean without
+    ``composition`` (which partly measures a label prior: which classes a model expects), and the mean over
+    the common corruptions at severity 3 (the ID test scenes, corrupted; shifts this project did not design)."""
+    from vlat.evaluate import corruption_table
+    from vlat.world import SHIFTS
+    from vlat.world.corruptions import CORRUPTIONS
+
+    others = [s for s in SHIFTS if s != "composition"]
+    corrupted = corruption_table(model, task, size, 0, [(c, 3) for c in CORRUPTIONS], tokenizer=tokenizer)
+    return {"ood_mean": sum(row[s] for s in SHIFTS) / len(SHIFTS),
+            "ood_mean_no_composition": sum(row[s] for s in others) / len(others),
+            "corruptions@3": corrupted["corruption_mean"]}
+
+
 def print_table(rows: dict[str, list[dict]], first: str = "method") -> None:
     """``{row name: [per-seed dicts of metrics]}`` as a Markdown table of mean ± std (seconds to one decimal)."""
     cols = list(next(iter(rows.values()))[0])

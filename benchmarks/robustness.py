@@ -14,7 +14,9 @@ Filling in "a small [MASK] circle" needs the image, so MLM teaches the grounding
 epochs of 10,000 scenes, against 0.73 for 60 epochs of statements alone).
 
 Columns: clean accuracy, robust accuracy under PGD-10 with random start on the text and on the image
-site, accuracy per OOD shift, fine-tuning time; mean ± std over seeds.
+site, accuracy per OOD shift, then three OOD means (``common.ood_means``): the semantic shifts', the same
+without ``composition``, and the common corruptions' at severity 3 (:mod:`vlat.world.corruptions`: shifts
+nobody designed this world around); fine-tuning time; mean ± std over seeds.
 
 Radii are relative (:meth:`vlat.adversarial.Adversary.calibrate`): ``--image-eps 0.03`` is 3 % of the
 image site's mean clean L2 norm per example, ``--text-eps 0.01`` 1 % of a caption's. Why relative: a
@@ -47,8 +49,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (add_run_options, check_init, group_runs, load_runs, machine, print_table, run_all,  # noqa: E402
-                    run_and_report, threads_per_job)
+from common import (add_run_options, check_init, group_runs, load_runs, machine, ood_means, print_table,  # noqa: E402
+                    run_all, run_and_report, threads_per_job)
 
 from vlat.adversarial import PGD, registry  # noqa: E402
 from vlat.evaluate import accuracy, robust_accuracy  # noqa: E402
@@ -147,6 +149,7 @@ def score(model, a, seed: int) -> dict:
         row[f"PGD10_{site}"] = robust_accuracy(model, test, a.task, attack, tok, seed=seed)
     for s in SHIFTS:
         row[s] = accuracy(model, WorldDataset(a.task, "test", a.eval_size, 0, shift=s), a.task, tok)
+    row.update(ood_means(model, a.task, a.eval_size, tok, row))
     return row
 
 

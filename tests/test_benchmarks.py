@@ -26,6 +26,10 @@ def test_robustness_fast_run_writes_rows_and_reports(tmp_path, capsys):
     for r in saved["runs"]:
         assert 0 <= r["PGD10_text"] <= r["clean"] <= 1 and 0 <= r["PGD10_image"] <= r["clean"]
         assert {"sketch", "texture", "composition", "paraphrase", "palette"} <= set(r)
+        shifts = ["sketch", "texture", "composition", "paraphrase", "palette"]
+        assert r["ood_mean"] == pytest.approx(sum(r[s] for s in shifts) / 5)
+        assert r["ood_mean_no_composition"] == pytest.approx(sum(r[s] for s in shifts if s != "composition") / 4)
+        assert 0 <= r["corruptions@3"] <= 1
     assert len(list((tmp_path / "cache").glob("mlm_seed0_*.safetensors"))) == 1  # pre-trained once, shared
     capsys.readouterr()
     rob.main(["--report", str(out)])
