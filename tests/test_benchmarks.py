@@ -83,6 +83,10 @@ def test_radapter_fast_run_scores_arms_wise_ft_and_writes_the_plot(tmp_path, cap
     for r in runs:
         shifts = ("sketch", "texture", "composition", "paraphrase", "palette")
         assert 0 <= r["id"] <= 1 and r["ood_mean"] == pytest.approx(sum(r[s] for s in shifts) / 5)
+        assert r["ood_mean_no_composition"] == pytest.approx(sum(r[s] for s in shifts if s != "composition") / 4)
+        # with fewer candidates an image can only gain: a closed or open protocol never scores below the full one
+        assert r["id_closed"] >= r["id"] and r["composition_open"] >= r["composition"]
+        assert 0 <= r["held_out_pred_id"] <= 1 - r["id"] and 0 <= r["corruptions@3"] <= 1
     capsys.readouterr()
     ra.main(["--report", str(out), "--plot", str(tmp_path / "plot.html")])
     assert "| WiSE-FT α=0.5 |" in capsys.readouterr().out
