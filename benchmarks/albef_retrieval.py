@@ -12,7 +12,8 @@ two rows stay separate), and score them again (**fine-tuned**).
 
 Retrieval: one relational caption per test image, multi-positive (a caption true of several scenes
 counts for each); TR@k image → caption, IR@k caption → image, ranked by the ITC similarity. ITM:
-accuracy on matched / mismatched pairs. Per-shift columns: TR@1 and ITM accuracy on each OOD shift.
+accuracy on matched / mismatched pairs. Per-shift columns: TR@1 and ITM accuracy on each OOD shift, then
+for each the semantic-shift mean, the same without ``composition`` and the common corruptions' at severity 3.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (add_run_options, group_runs, load_runs, machine, print_table, run_and_report,  # noqa: E402
+from common import (add_run_options, group_runs, load_runs, machine, ood_means, print_table, run_and_report,  # noqa: E402
                     threads_per_job)
 
 from vlat.evaluate import ood_table, retrieval  # noqa: E402
@@ -56,6 +57,8 @@ def scores(retrieval_model, itm_model, a) -> dict:
     row["ITM"] = itm["id"]
     row.update({f"TR@1 {s}": tr1[s] for s in SHIFTS})
     row.update({f"ITM {s}": itm[s] for s in SHIFTS})
+    for label, model, task, table in (("TR@1", retrieval_model, "itc", tr1), ("ITM", itm_model, "itm", itm)):
+        row.update({f"{label} {k}": v for k, v in ood_means(model, task, a.eval_size, tok, table).items()})
     return row
 
 
@@ -83,7 +86,11 @@ def settings(a) -> str:
 
 def table(runs: list[dict]) -> None:
     rows = group_runs(runs, "stage")
-    for cols in (["train_s", *RECALL, "ITM"], [f"TR@1 {s}" for s in SHIFTS], [f"ITM {s}" for s in SHIFTS]):
+    groups = [["train_s", *RECALL, "ITM"], [f"TR@1 {s}" for s in SHIFTS], [f"ITM {s}" for s in SHIFTS]]
+    means = [f"{m} {k}" for m in ("TR@1", "ITM") for k in ("ood_mean", "ood_mean_no_composition", "corruptions@3")]
+    if all(c in r for runs_s in rows.values() for r in runs_s for c in means):   # older rows lack them
+        groups.append(means)
+    for cols in groups:
         print_table({s: [{c: r[c] for c in cols} for r in runs_s] for s, runs_s in rows.items()}, first="stage")
         print()
 

@@ -149,3 +149,21 @@ def test_radapter_lora_arm_starts_at_the_zero_shot_model_and_trains_only_lora_we
     assert len(trainable) == blocks * 2 * 2                  # A and B on q_proj and v_proj of every block
     pixels = torch.rand(2, 3, zero.config.image_size, zero.config.image_size)
     assert torch.equal(model.image_features(pixels)[0], zero.image_features(pixels)[0])   # B = 0 at the start
+
+
+def test_albef_retrieval_fast_run_reports_the_three_ood_means(tmp_path, capsys):
+    ar = load("albef_retrieval")
+    out = tmp_path / "rows.json"
+    ar.main(["--fast", "--json", str(out)])
+    rows = [r for item in json.loads(out.read_text())["runs"] for r in item]
+    assert sorted(r["stage"] for r in rows) == ["fine-tuned", "zero-shot"]
+    shifts = ["sketch", "texture", "composition", "paraphrase", "palette"]
+    for r in rows:
+        for m in ("TR@1", "ITM"):
+            assert r[f"{m} ood_mean"] == pytest.approx(sum(r[f"{m} {s}"] for s in shifts) / 5)
+            assert r[f"{m} ood_mean_no_composition"] == pytest.approx(
+                sum(r[f"{m} {s}"] for s in shifts if s != "composition") / 4)
+            assert 0 <= r[f"{m} corruptions@3"] <= 1
+    capsys.readouterr()
+    ar.main(["--report", str(out)])
+    assert "| stage | TR@1 ood_mean | TR@1 ood_mean_no_composition | TR@1 corruptions@3 |" in capsys.readouterr().out
