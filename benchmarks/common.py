@@ -104,19 +104,24 @@ def mean_std(values: list[float], digits: int = 3) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {sd:.{digits}f}"
 
 
-def ood_means(model, task: str, size: int, tokenizer, row: dict) -> dict:
-    """Three OOD summaries of a row that already holds every semantic shift: their mean, their mean without
-    ``composition`` (which partly measures a label prior: which classes a model expects), and the mean over
-    the common corruptions at severity 3 (the ID test scenes, corrupted; shifts this project did not design)."""
-    from vlat.evaluate import corruption_table
+def shift_means(row: dict) -> dict:
+    """The mean over the semantic shifts of a row that holds each of them, and the same without
+    ``composition`` (which partly measures a label prior: which classes a model expects)."""
     from vlat.world import SHIFTS
-    from vlat.world.corruptions import CORRUPTIONS
 
     others = [s for s in SHIFTS if s != "composition"]
-    corrupted = corruption_table(model, task, size, 0, [(c, 3) for c in CORRUPTIONS], tokenizer=tokenizer)
     return {"ood_mean": sum(row[s] for s in SHIFTS) / len(SHIFTS),
-            "ood_mean_no_composition": sum(row[s] for s in others) / len(others),
-            "corruptions@3": corrupted["corruption_mean"]}
+            "ood_mean_no_composition": sum(row[s] for s in others) / len(others)}
+
+
+def ood_means(model, task: str, size: int, tokenizer, row: dict) -> dict:
+    """Three OOD summaries: :func:`shift_means` and the mean over the common corruptions at severity 3 (the
+    ID test scenes, corrupted; shifts this project did not design)."""
+    from vlat.evaluate import corruption_table
+    from vlat.world.corruptions import CORRUPTIONS
+
+    corrupted = corruption_table(model, task, size, 0, [(c, 3) for c in CORRUPTIONS], tokenizer=tokenizer)
+    return {**shift_means(row), "corruptions@3": corrupted["corruption_mean"]}
 
 
 def print_table(rows: dict[str, list[dict]], first: str = "method") -> None:

@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (add_run_options, group_runs, load_runs, machine, print_table, run_and_report,  # noqa: E402
-                    threads_per_job)
+                    shift_means, threads_per_job)
 
 from vlat.evaluate import ood_table  # noqa: E402
 from vlat.models import load_model  # noqa: E402
@@ -101,7 +101,7 @@ def classify_scores(predict, model, a) -> dict:
     - ``corruptions@3``: accuracy on the ID test scenes under each common corruption at severity 3, averaged.
     """
     from vlat.evaluate import task_batches
-    from vlat.world.corruptions import CORRUPTIONS, corrupt
+    from vlat.world.corruptions import CORRUPTIONS, corrupted
     from vlat.world.scenes import ALL_PAIRS, HELD_OUT_PAIRS
 
     held = torch.tensor([p in HELD_OUT_PAIRS for p in ALL_PAIRS])
@@ -120,19 +120,14 @@ def classify_scores(predict, model, a) -> dict:
                 total += len(pred)
         return right / total, held_pred / total
 
-    row["id"], row["held_out_pred_id"] = run(WorldDataset("classify", "test", a.eval_size, 0))
+    data = {shift: WorldDataset("classify", "test", a.eval_size, 0, shift=shift) for shift in (None, *SHIFTS)}
+    row["id"], row["held_out_pred_id"] = run(data[None])
     for shift in SHIFTS:
-        row[shift] = run(WorldDataset("classify", "test", a.eval_size, 0, shift=shift))[0]
-    row["ood_mean"] = sum(row[s] for s in SHIFTS) / len(SHIFTS)
-    row["ood_mean_no_composition"] = sum(row[s] for s in SHIFTS if s != "composition") / (len(SHIFTS) - 1)
-    row["id_closed"] = run(WorldDataset("classify", "test", a.eval_size, 0), ~held)[0]
-    row["composition_open"] = run(WorldDataset("classify", "test", a.eval_size, 0, shift="composition"), held)[0]
-    base, accs = WorldDataset("classify", "test", a.eval_size, 0), []
-    for name in CORRUPTIONS:
-        data = copy.copy(base)
-        data.images = corrupt(base.images, name, 3)
-        accs.append(run(data)[0])
-    row["corruptions@3"] = sum(accs) / len(accs)
+        row[shift] = run(data[shift])[0]
+    row.update(shift_means(row))
+    row["id_closed"] = run(data[None], ~held)[0]
+    row["composition_open"] = run(data["composition"], held)[0]
+    row["corruptions@3"] = sum(run(corrupted(data[None], name, 3))[0] for name in CORRUPTIONS) / len(CORRUPTIONS)
     return row
 
 

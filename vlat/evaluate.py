@@ -182,9 +182,14 @@ def retrieval(model: VLModel, dataset: WorldDataset, tokenizer=None, ks=(1, 5, 1
 def evaluate_task(model: VLModel, task: str, split: str = "test", size: int = 500, seed: int = 0,
                   shift: str | None = None, tokenizer=None) -> dict[str, float]:
     """The task's metrics on one split/shift of the toy world."""
+    return dataset_metrics(model, WorldDataset(task, split, size, seed, shift), task, tokenizer)
+
+
+def dataset_metrics(model: VLModel, dataset, task: str, tokenizer=None) -> dict[str, float]:
+    """Retrieval metrics for ``itc``, ``{"accuracy": ...}`` for every other task, on ``dataset``."""
     if task == "itc":
-        return retrieval(model, WorldDataset("itc", split, size, seed, shift), tokenizer)
-    return {"accuracy": accuracy(model, WorldDataset(task, split, size, seed, shift), task, tokenizer)}
+        return retrieval(model, dataset, tokenizer)
+    return {"accuracy": accuracy(model, dataset, task, tokenizer)}
 
 
 def ood_table(model: VLModel, task: str, size: int = 500, seed: int = 0, shifts=SHIFTS, metric: str | None = None,
@@ -205,9 +210,7 @@ def corruption_table(model: VLModel, task: str, size: int = 500, seed: int = 0, 
     test scenes under each common corruption (:mod:`vlat.world.corruptions`), averaged over ``severities``
     (default 1-5). ``corruptions`` items may be ``name`` or ``(name, severity)`` (then that severity only,
     column ``name@severity``)."""
-    import copy
-
-    from vlat.world.corruptions import CORRUPTIONS, SEVERITIES, check_corruption, corrupt
+    from vlat.world.corruptions import CORRUPTIONS, SEVERITIES, check_corruption, corrupted
 
     metric = metric or ("TR@1" if task == "itc" else "accuracy")
     base = WorldDataset(task, "test", size, seed)
@@ -217,10 +220,7 @@ def corruption_table(model: VLModel, task: str, size: int = 500, seed: int = 0, 
         scores = []
         for level in levels:
             check_corruption(name, level)
-            ds = copy.copy(base)
-            ds.images = corrupt(base.images, name, level, seed)
-            scores.append(retrieval(model, ds, tokenizer)[metric] if task == "itc"
-                          else accuracy(model, ds, task, tokenizer))
+            scores.append(dataset_metrics(model, corrupted(base, name, level, seed), task, tokenizer)[metric])
         row[name if isinstance(item, str) else f"{name}@{item[1]}"] = sum(scores) / len(scores)
     row["corruption_mean"] = sum(row.values()) / len(row)
     return row
@@ -236,5 +236,6 @@ def markdown_table(rows: dict[str, dict[str, float]], digits: int = 3) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["accuracy", "compare_training", "corruption_table", "evaluate_task", "evaluating", "markdown_table", "ood_table", "recall_at_k",
-           "retrieval", "robust_accuracy", "similarity", "task_batches", "truth_matrix"]
+__all__ = ["accuracy", "compare_training", "corruption_table", "dataset_metrics", "evaluate_task", "evaluating",
+           "markdown_table", "ood_table", "recall_at_k", "retrieval", "robust_accuracy", "similarity", "task_batches",
+           "truth_matrix"]

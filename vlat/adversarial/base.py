@@ -162,8 +162,7 @@ class Adversary:
         site's range, see :meth:`feasible`)."""
         deltas = self.new_deltas(model, batch, *self.attack_start(random_start), generator=generator)
         sites = self.resolve_sites(model)
-        return {k: self.feasible(sites[k], batch, d.detach()).requires_grad_(True) if sites[k].clamp else d
-                for k, d in deltas.items()}
+        return {k: self.feasible(sites[k], batch, d.detach()).requires_grad_(True) for k, d in deltas.items()}
 
     def attack_start(self, random_start: bool) -> tuple[str, float]:
         """``(init, magnitude)`` of δ₀ (a method's own initialisation; uniform in the ball on request)."""

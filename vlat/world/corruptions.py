@@ -80,6 +80,16 @@ def corrupt(images: torch.Tensor, name: str, severity: int, seed: int = 0) -> to
     return (out.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
+def corrupted(dataset, name: str, severity: int, seed: int = 0):
+    """A shallow copy of a :class:`~vlat.world.WorldDataset` whose images carry the corruption (scenes,
+    captions and labels shared with ``dataset``)."""
+    import copy
+
+    out = copy.copy(dataset)
+    out.images = corrupt(dataset.images, name, severity, seed)
+    return out
+
+
 def hash_seed(seed: int, name: str, severity: int) -> int:
     """A stable seed per (seed, corruption, severity) (Python's ``hash`` of a str changes between runs)."""
     return (int(seed) * 1_000_003 + CORRUPTIONS.index(name) * 101 + severity) % (2**31)
