@@ -476,3 +476,346 @@ def test_trades_is_the_authors_loss():
     differ = (ascents[-1]["pixels"].detach() - delta).abs() > 1e-6
     assert float(differ.float().mean()) < 0.005
     assert_grads_close(grads, want)
+
+
+# ---- ALBEF: salesforce/ALBEF, models/model_pretrain.py (ALBEF.forward, _momentum_update, _dequeue_and_enqueue;
+# commit 90541c975b01150ba8a1dfb880d3adb8bcd3af8b), models/model_retrieval.py (ALBEF.forward with its ``idx``
+# queue; commit 69e9225506c76a4057c5099d0a7976b4f5e4d43c) and models/xbert.py (BertForMaskedLM.forward's
+# soft-label MLM; commit 91de3c19c370f31283bac2699bf4416c918159d3). The encoders are vlat's (the reference's
+# DeiT and xbert are not in the index of this test); what is checked is what the loop computes from them. ----
+def albef_model(**overrides):
+    torch.manual_seed(0)
+    from vlat.models.albef import MOMENTUM_PAIRS
+
+    settings = {"same_caption_positives": False, "truth_negatives": False, **overrides}   # model_pretrain.py's
+    model = no_dropout(build_model("albef", "nano", **settings).train())
+    with torch.no_grad():                   # a teacher that differs from the student, a queue with content
+        for _, m_name in MOMENTUM_PAIRS:
+            for p in getattr(model, m_name).parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        model.image_queue.copy_(F.normalize(torch.randn_like(model.image_queue), dim=1))
+        model.text_queue.copy_(F.normalize(torch.randn_like(model.text_queue), dim=1))
+    model.updates = model.config.alpha_warmup_steps      # α at its full 0.4
+    return model
+
+
+def albef_batch(n=8):
+    """A pretrain batch of the toy world holding at least one pair of identical captions."""
+    from vlat.models.base import caption_ids
+
+    for seed in range(100):
+        batch = make_batch("pretrain", n=n, seed=seed)
+        idx = caption_ids(batch["input_ids"])
+        if (idx[:, None] == idx[None, :]).sum() > n:
+            return {k: v for k, v in batch.items() if k != "truth"}
+    raise AssertionError("no batch with a repeated caption")
+
+
+def albef_reference(model, batch, alpha, neg_text, neg_image, idx=None, image_queue=None, text_queue=None,
+                    idx_queue=None):
+    """ALBEF.forward of model_pretrain.py (``idx=None``) or model_retrieval.py (ITC targets spread over equal
+    ``idx``, batch and queue), then loss_mlm + loss_ita + loss_itm as Pretrain.py sums them (the retrieval
+    code has no MLM; it is added here so the two share one model). The queues are theirs: ``[P, Q]``.
+    The hard negatives are the ones vlat drew (the draw itself is checked separately). Returns (total loss,
+    (ita, itm, mlm), momentum features of the batch, ITM sampling weights (i2t, t2i))."""
+    pixels, ids, am = batch["pixel_values"], batch["input_ids"], batch["attention_mask"]
+    image_queue = model.image_queue.t() if image_queue is None else image_queue
+    text_queue = model.text_queue.t() if text_queue is None else text_queue
+    temp = model.temp
+    image_embeds = model.encode_image(pixels)
+    image_feat = F.normalize(model.vision_proj(image_embeds[:, 0, :]), dim=-1)
+    text_embeds = model.encode_text(ids, am)
+    text_feat = F.normalize(model.text_proj(text_embeds[:, 0, :]), dim=-1)
+    bs = pixels.size(0)
+    with torch.no_grad():
+        image_embeds_m = model.encode_image(pixels, momentum=True)
+        image_feat_m = F.normalize(model.vision_proj_m(image_embeds_m[:, 0, :]), dim=-1)
+        image_feat_all = torch.cat([image_feat_m.t(), image_queue.clone()], dim=1)
+        text_feat_m = F.normalize(model.text_proj_m(model.encode_text(ids, am, momentum=True)[:, 0, :]), dim=-1)
+        text_feat_all = torch.cat([text_feat_m.t(), text_queue.clone()], dim=1)
+        if idx is None:
+            sim_targets = torch.zeros(bs, bs + image_queue.shape[1])
+            sim_targets.fill_diagonal_(1)
+        else:
+            idx = idx.view(-1, 1)
+            pos_idx = torch.eq(idx, torch.cat([idx.t(), idx_queue.view(1, -1)], dim=1)).float()
+            sim_targets = pos_idx / pos_idx.sum(1, keepdim=True)
+        i2t_targets = alpha * F.softmax(image_feat_m @ text_feat_all / temp, dim=1) + (1 - alpha) * sim_targets
+        t2i_targets = alpha * F.softmax(text_feat_m @ image_feat_all / temp, dim=1) + (1 - alpha) * sim_targets
+    sim_i2t = image_feat @ text_feat_all / temp
+    sim_t2i = text_feat @ image_feat_all / temp
+    loss_i2t = -torch.sum(F.log_softmax(sim_i2t, dim=1) * i2t_targets, dim=1).mean()
+    loss_t2i = -torch.sum(F.log_softmax(sim_t2i, dim=1) * t2i_targets, dim=1).mean()
+    loss_ita = (loss_i2t + loss_t2i) / 2
+
+    output_pos = model.fuse(text_embeds, am, image_embeds)
+    with torch.no_grad():
+        if idx is None:
+            weights_i2t = F.softmax(sim_i2t[:, :bs], dim=1)
+            weights_t2i = F.softmax(sim_t2i[:, :bs], dim=1)
+            weights_i2t.fill_diagonal_(0)
+            weights_t2i.fill_diagonal_(0)
+        else:
+            weights_i2t = F.softmax(sim_i2t[:, :bs] + 1e-4, dim=1)
+            weights_t2i = F.softmax(sim_t2i[:, :bs] + 1e-4, dim=1)
+            mask = torch.eq(idx, idx.T)
+            weights_i2t.masked_fill_(mask, 0)
+            weights_t2i.masked_fill_(mask, 0)
+    image_embeds_neg = torch.stack([image_embeds[j] for j in neg_image.tolist()])   # a negative image per text
+    text_embeds_neg = torch.stack([text_embeds[j] for j in neg_text.tolist()])      # a negative text per image
+    text_atts_neg = torch.stack([am[j] for j in neg_text.tolist()])
+    text_embeds_all = torch.cat([text_embeds, text_embeds_neg], dim=0)
+    text_atts_all = torch.cat([am, text_atts_neg], dim=0)
+    image_embeds_all = torch.cat([image_embeds_neg, image_embeds], dim=0)
+    output_neg = model.fuse(text_embeds_all, text_atts_all, image_embeds_all)
+    vl_output = model.itm_head(torch.cat([output_pos[:, 0, :], output_neg[:, 0, :]], dim=0))
+    itm_labels = torch.cat([torch.ones(bs, dtype=torch.long), torch.zeros(2 * bs, dtype=torch.long)])
+    loss_itm = F.cross_entropy(vl_output, itm_labels)
+
+    mids, labels = batch["mlm_input_ids"], batch["mlm_labels"]       # their mask(), drawn once by the collator
+    with torch.no_grad():
+        logits_m = model.mlm_head_m(model.fuse(model.encode_text(mids, am, momentum=True), am, image_embeds_m,
+                                               momentum=True))
+    prediction_scores = model.mlm_head(model.fuse(model.encode_text(mids, am), am, image_embeds))
+    V = prediction_scores.shape[-1]
+    masked_lm_loss = F.cross_entropy(prediction_scores.view(-1, V), labels.view(-1))
+    loss_distill = -torch.sum(F.log_softmax(prediction_scores, dim=-1) * F.softmax(logits_m, dim=-1), dim=-1)
+    loss_distill = loss_distill[labels != -100].mean()
+    loss_mlm = (1 - alpha) * masked_lm_loss + alpha * loss_distill
+    total = loss_mlm + loss_ita + loss_itm
+    return total, (loss_ita, loss_itm, loss_mlm), (image_feat_m, text_feat_m), (weights_i2t, weights_t2i)
+
+
+def vlat_albef_step(model, batch, monkeypatch):
+    """vlat's pretrain forward + backward; returns (output, gradients, the weights it drew negatives from)."""
+    drawn = []
+    real = torch.multinomial
+    monkeypatch.setattr(torch, "multinomial", lambda w, *a, **k: drawn.append(w.clone()) or real(w, *a, **k))
+    model.zero_grad(set_to_none=True)
+    out = model(batch, "pretrain")
+    out.loss.backward()
+    monkeypatch.setattr(torch, "multinomial", real)
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out, grads, drawn
+
+
+def reference_grads(model, loss):
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_albef_pretrain_loss_and_gradients_are_the_authors(monkeypatch):
+    model, batch = albef_model(), albef_batch()
+    alpha = model.current_alpha()
+    assert alpha == pytest.approx(0.4)
+    out, grads, drawn = vlat_albef_step(model, batch, monkeypatch)
+    want, parts, _, weights = albef_reference(model, batch, alpha, out.extras["neg_text"], out.extras["neg_image"])
+    for got, ref in zip((out.extras["itc"], out.extras["itm"], out.extras["mlm"]), parts):
+        assert torch.allclose(got, ref.detach(), atol=1e-6)
+    assert torch.allclose(out.loss, want, atol=1e-6)
+    # the hard negatives: their weights (softmax, the positive zeroed) as torch.multinomial normalises them
+    for got, ref in zip(drawn, weights):
+        assert torch.allclose(got, ref / ref.sum(1, keepdim=True), atol=1e-6)
+    assert_grads_close(grads, reference_grads(model, want))
+
+
+def test_albef_same_caption_positives_are_the_retrieval_codes_idx_queue(monkeypatch):
+    from vlat.models.base import caption_ids
+
+    model, batch = albef_model(same_caption_positives=True), albef_batch()
+    idx = caption_ids(batch["input_ids"])
+    Q = model.config.queue_size
+    with torch.no_grad():           # a queue holding copies of the batch's captions: positives there too
+        model.idx_queue.copy_(idx[torch.randint(len(idx), (Q,))])
+        model.idx_queue[::3] = -1
+    out, grads, drawn = vlat_albef_step(model, batch, monkeypatch)
+    want, parts, _, weights = albef_reference(model, batch, model.current_alpha(), out.extras["neg_text"],
+                                              out.extras["neg_image"], idx=idx, idx_queue=model.idx_queue)
+    assert torch.allclose(out.extras["itc"], parts[0].detach(), atol=1e-6)
+    assert torch.allclose(out.loss, want, atol=1e-6)
+    for got, ref in zip(drawn, weights):        # same-caption pairs never drawn as negatives
+        assert torch.allclose(got, ref / ref.sum(1, keepdim=True), atol=1e-6)
+    assert_grads_close(grads, reference_grads(model, want))
+
+
+def test_albef_momentum_and_queue_follow_the_authors_order_over_two_updates(monkeypatch):
+    """Reference, per step: θ̃ ← m θ̃ + (1 - m) θ at the start of forward, features from θ̃, enqueue, backward,
+    optimiser step. vlat: the same EMA and enqueue in after_optimizer_step, once per update."""
+    import copy
+
+    from vlat.models.albef import MOMENTUM_PAIRS
+
+    lr, m = 0.05, 0.9
+    ours = albef_model(momentum=m)
+    ours.updates = 0                            # α = 0 at the first update, then ramps, as in their epoch 0
+    ours.reset_momentum()                       # their copy_params: θ̃ = θ at the start
+    ref = copy.deepcopy(ours)
+    image_queue, text_queue = ref.image_queue.t().clone(), ref.text_queue.t().clone()
+    ptr = 0
+    for t in range(2):
+        batch = albef_batch() if t == 0 else make_batch("pretrain", n=8, seed=123)
+        batch.pop("truth", None)
+        out, _, _ = vlat_albef_step(ours, batch, monkeypatch)
+        with torch.no_grad():
+            for p in ours.parameters():
+                if p.grad is not None:
+                    p -= lr * p.grad
+        ours.after_optimizer_step()
+
+        with torch.no_grad():                   # their temp.clamp_ and _momentum_update, at the start of forward
+            ref.temp.clamp_(0.001, 0.5)
+            for name, m_name in MOMENTUM_PAIRS:
+                for pm, p in zip(getattr(ref, m_name).parameters(), getattr(ref, name).parameters()):
+                    pm.data = pm.data * m + p.data * (1.0 - m)
+        alpha = 0.4 * min(1, t / ref.config.alpha_warmup_steps)     # Pretrain.py: alpha * min(1, i / len(loader))
+        loss, _, (img_m, txt_m), _ = albef_reference(ref, batch, alpha, out.extras["neg_text"],
+                                                     out.extras["neg_image"], image_queue=image_queue,
+                                                     text_queue=text_queue)
+        B = img_m.shape[0]                      # their _dequeue_and_enqueue (one process)
+        image_queue[:, ptr:ptr + B], text_queue[:, ptr:ptr + B] = img_m.T, txt_m.T
+        ptr = (ptr + B) % ref.config.queue_size
+        reference_grads(ref, loss)
+        with torch.no_grad():
+            for p in ref.parameters():
+                if p.grad is not None:
+                    p -= lr * p.grad
+    # their next forward would first clamp τ and apply the EMA with the updated θ: vlat did both in
+    # after_optimizer_step (lr 0.05 drives τ far above 0.5 here, so the clamp is exercised)
+    with torch.no_grad():
+        ref.temp.clamp_(0.001, 0.5)
+        for name, m_name in MOMENTUM_PAIRS:
+            for pm, p in zip(getattr(ref, m_name).parameters(), getattr(ref, name).parameters()):
+                pm.data = pm.data * m + p.data * (1.0 - m)
+    got, want = dict(ours.named_parameters()), dict(ref.named_parameters())
+    bad = [n for n in want if not torch.allclose(got[n], want[n], atol=1e-6)]
+    assert not bad, bad
+    assert torch.allclose(ours.image_queue, image_queue.t(), atol=1e-6)
+    assert torch.allclose(ours.text_queue, text_queue.t(), atol=1e-6)
+    assert int(ours.queue_ptr) == ptr == 16
+
+
+# ---- R-Adapter: tjddus9597/R-Adapter-ECCV2024, commit 9680117ce5b7a3721a8621f890f26852af439b7e:
+# clip/loss.py (ClipLoss.forward, the label_smoothing branch = MPM-NCE, as src/main.py calls it with
+# ground_labels), clip/loralib/adapter_layers.py (StochasticAdapter.forward, its timm DropPath) and
+# clip/loralib/utils.py (reparameterize / Rep_AdaptWeight, ema_update) ----------------------------------------
+def authors_mpm_nce(image_features, text_features, logit_scale, ground_labels, ls, mg):
+    """ClipLoss.forward on one process with ``label_smoothing=True`` (their margin and smoothing)."""
+    logits_per_image = logit_scale * image_features @ text_features.T
+    logits_per_text = logit_scale * text_features @ image_features.T
+    num_logits = logits_per_image.shape[0]
+    equal_labels = (ground_labels.view(1, -1).repeat(num_logits, 1) == ground_labels.view(-1, 1)).float()
+    margin_matrix = (1 - equal_labels) * mg * logit_scale
+    logits_per_image = logits_per_image + margin_matrix
+    logits_per_text = logits_per_text + margin_matrix
+    num_pos = equal_labels.sum(1, keepdim=True)
+    smooth_labels = (1 - ls) * equal_labels / num_pos + (ls / (num_logits - num_pos)) * (1 - equal_labels)
+    image_exp = torch.exp(logits_per_image - torch.max(logits_per_image, dim=1, keepdim=True).values)
+    text_exp = torch.exp(logits_per_text - torch.max(logits_per_text, dim=1, keepdim=True).values)
+    image_nll = -torch.log(image_exp / image_exp.sum(1, keepdim=True))
+    text_nll = -torch.log(text_exp / text_exp.sum(1, keepdim=True))
+    return ((smooth_labels * image_nll).sum(1).mean() + (smooth_labels * text_nll).sum(1).mean()) / 2
+
+
+def test_mpm_nce_is_the_authors_clip_loss_with_label_smoothing():
+    from vlat.objectives import MPMNCE
+
+    torch.manual_seed(0)
+    loss = MPMNCE()
+    assert (loss.temp, loss.eps, loss.margin) == (0.01, 0.02, 0.05)   # logit scale 100, --ls 0.02, --mg 0.05
+    # cosines spread as a CLIP's do (within ~0.5 of each other): their exp-then-log underflows to inf when a
+    # row's logits spread over ~87 (cosines over 0.87 at scale 100); vlat's log-softmax does not
+    base = torch.randn(1, 8)
+    image = F.normalize(base + 0.1 * torch.randn(12, 8), dim=1).requires_grad_()
+    text = F.normalize(base + 0.1 * torch.randn(12, 8), dim=1).requires_grad_()
+    far = F.normalize(torch.randn(12, 8), dim=1)
+    assert not torch.isfinite(authors_mpm_nce(far, far.flip(0), 100.0, torch.arange(12), 0.02, 0.05))
+    assert torch.isfinite(loss(far, far.flip(0), torch.arange(12)))
+    labels = torch.tensor([0, 1, 2, 0, 1, 3, 4, 0, 5, 5, 6, 7])
+    ours = loss(image, text, labels)
+    ours_g = torch.autograd.grad(ours, (image, text))
+    want = authors_mpm_nce(image, text, 1 / loss.temp, labels, loss.eps, loss.margin)
+    want_g = torch.autograd.grad(want, (image, text))
+    assert torch.allclose(ours, want, atol=1e-5)
+    for a, b in zip(ours_g, want_g):         # logits of ~100 in float32 carry ~1e-5 of rounding each
+        assert torch.allclose(a, b, atol=5e-5)
+    # a batch of one label: their ε / (B - |P|) is 0/0 and the loss NaN; vlat keeps the mass on the positives
+    same = torch.zeros(12, dtype=torch.long)
+    assert torch.isnan(authors_mpm_nce(image, text, 100.0, same, 0.02, 0.05))
+    assert torch.isfinite(loss(image, text, same))
+
+
+class AuthorsAdapter(torch.nn.Module):
+    """StochasticAdapter with ``r <= embed_dim`` (their full-rank ``f``, no bias) after a linear layer, as
+    forward_vit_block_adapter applies it: ``y + s · DropPath(f(y))`` in training (DropPath scales a kept
+    branch by 1/keep), ``y + s · eval_scale · f(y)`` in eval; the ``*_cache`` copies are their EMA."""
+
+    def __init__(self, linear, f_weight, s, drop_prob, eval_scale):
+        super().__init__()
+        self.linear, self.drop_prob, self.eval_scale = linear, drop_prob, eval_scale
+        self.f = torch.nn.Parameter(f_weight.clone())
+        self.s = torch.nn.Parameter(torch.tensor(float(s)))
+        self.f_cache, self.s_cache = f_weight.clone(), torch.tensor(float(s))
+
+    def forward(self, x, gate=None, ema=False):
+        y = self.linear(x)
+        f, s = (self.f_cache, self.s_cache) if (ema and not self.training) else (self.f, self.s)
+        z = y @ f.t()
+        if self.training and self.drop_prob > 0:
+            z = z * gate / (1 - self.drop_prob)
+        return y + z * (s if self.training else s * self.eval_scale)
+
+    @torch.no_grad()
+    def ema_update(self, m):
+        self.f_cache = m * self.f_cache + (1 - m) * self.f.detach()
+        self.s_cache = m * self.s_cache + (1 - m) * self.s.detach()
+
+    @torch.no_grad()
+    def reparameterized(self, ema=False):
+        """Rep_AdaptWeight's reparameterize(...) twice, in their transposed convention: (weight, bias)."""
+        f, s = (self.f_cache, self.s_cache) if ema else (self.f, self.s)
+        adapt = (f.t() * (s * self.eval_scale) + torch.eye(f.shape[0])).t()          # reparameterize(f.T, scale)
+        Wa, Wb = self.linear.weight.t(), adapt.t()
+        return (Wa @ Wb).t(), self.linear.bias @ Wb
+
+
+@pytest.mark.parametrize("gate_axis", ["sample", "position"])
+def test_r_adapter_forward_gradients_ema_and_merge_are_the_authors(gate_axis, monkeypatch):
+    from vlat.robust import RAdapter
+
+    torch.manual_seed(0)
+    d, p, m = 6, 0.5, 0.9
+    lin = torch.nn.Linear(5, d)
+    ours = RAdapter(lin, drop=p, ema=m, gate=gate_axis)
+    with torch.no_grad():
+        ours.weight.copy_(0.3 * torch.randn(d, d))
+    theirs = AuthorsAdapter(lin, ours.weight.detach(), 0.1, p, eval_scale=0.5)
+    theirs.f_cache, theirs.s_cache = torch.zeros(d, d), torch.tensor(0.1)      # their cache: a copy at init
+    x = torch.randn(4, 7, 5)                                                    # [B, L, in], batch-first
+    gates = []
+    real = torch.bernoulli
+    monkeypatch.setattr(torch, "bernoulli", lambda t, *a, **k: gates.append(real(t, *a, **k)) or gates[-1])
+    for _ in range(3):                                  # training: forward, gradients, SGD, EMA
+        out = ours.train()(x)
+        gate = gates[-1]
+        assert gate.shape == ((4, 1, 1) if gate_axis == "sample" else (1, 7, 1))
+        want = theirs.train()(x, gate)
+        assert torch.allclose(out, want, atol=1e-6)
+        g_ours = torch.autograd.grad(out.square().sum(), (ours.weight, ours.scale))
+        g_theirs = torch.autograd.grad(want.square().sum(), (theirs.f, theirs.s))
+        for a, b in zip(g_ours, g_theirs):
+            assert torch.allclose(a, b, atol=1e-5)
+        with torch.no_grad():
+            for q, g in zip((ours.weight, ours.scale, theirs.f, theirs.s), g_ours + g_theirs):
+                q -= 0.01 * g
+        ours.after_optimizer_step()
+        theirs.ema_update(m)
+    monkeypatch.setattr(torch, "bernoulli", real)
+    ours.alpha = 0.5                                    # their eval_scale
+    for ema in (False, True):                           # inference, then merged weights
+        ours.use_ema = ema
+        assert torch.allclose(ours.eval()(x), theirs.eval()(x, ema=ema), atol=1e-6)
+        w, b = theirs.reparameterized(ema)
+        ours.merge()
+        assert torch.allclose(lin.weight, w, atol=1e-6) and torch.allclose(lin.bias, b, atol=1e-6)
+        ours.unmerge()

@@ -118,22 +118,38 @@ def test_alpha_zero_is_the_zero_shot_model_and_alpha_is_wise_ft_in_weight_space(
     assert torch.allclose(ad.linear.weight, 0.5 * w0 + 0.5 * w1, atol=1e-6)
 
 
-def test_dropping_is_per_sample_in_training_and_off_in_eval():
+@pytest.mark.parametrize("rescale", [True, False])
+def test_dropping_is_per_sample_in_training_and_off_in_eval(rescale):
     torch.manual_seed(0)
     lin = torch.nn.Linear(3, 3)
-    ad = RAdapter(lin, drop=0.5)
+    ad = RAdapter(lin, drop=0.5, rescale=rescale)
     with torch.no_grad():
         ad.weight.copy_(torch.eye(3))
     x = torch.randn(400, 5, 3)
     y = lin(x)
     ad.train()
     out = ad(x)
-    kept = torch.isclose(out, y + 0.1 * y, atol=1e-6).all(-1).all(-1)        # [400] adapter on, every token
+    branch = 0.1 / 0.5 if rescale else 0.1                                   # a kept branch ÷ (1 - p) when rescaled
+    kept = torch.isclose(out, y + branch * y, atol=1e-6).all(-1).all(-1)     # [400] adapter on, every token
     dropped = torch.isclose(out, y, atol=1e-6).all(-1).all(-1)               # adapter off, every token
     assert bool((kept ^ dropped).all())                                      # one gate per sample
     assert 0.4 < kept.float().mean().item() < 0.6
     ad.eval()
     assert torch.allclose(ad(x), 1.1 * y, atol=1e-6)
+
+
+def test_alpha_and_ema_are_inference_settings_training_sees_the_live_branch():
+    lin = torch.nn.Linear(2, 2)
+    ad = RAdapter(lin, drop=0.0, ema=0.9)
+    with torch.no_grad():
+        ad.weight.fill_(1.0)
+    ad.alpha, ad.use_ema = 0.5, True                                         # ema_weight is still zero
+    x = torch.randn(4, 2)
+    y = lin(x)
+    assert torch.allclose(ad.train()(x), y + 0.1 * y.sum(-1, keepdim=True), atol=1e-6)
+    assert torch.allclose(ad.eval()(x), y, atol=1e-6)                        # α · s · W̃ = 0
+    ad.train().merge()                                                       # merging folds the inference branch
+    assert torch.allclose(ad.linear.weight, lin.weight) and ad.merged
 
 
 def test_ema_update_is_exact_and_used_on_request():
@@ -147,7 +163,14 @@ def test_ema_update_is_exact_and_used_on_request():
         ad.weight.fill_(3.0)
     ad.update_ema()
     assert torch.allclose(ad.ema_weight, torch.full((2, 2), 0.9 * 0.1 + 0.1 * 3.0))
+    assert torch.allclose(ad.ema_scale, torch.tensor(0.1))                    # s̃ of a constant s stays s
+    with torch.no_grad():
+        ad.scale.fill_(0.5)
+    ad.update_ema()
+    assert torch.allclose(ad.ema_scale, torch.tensor(0.9 * 0.1 + 0.1 * 0.5))
     ad.use_ema = True
+    assert torch.allclose(ad.eval().effective(), ad.ema_scale * ad.ema_weight)
+    ad.ema_scale_on = False                                                  # vlat 0.1: the live s with W̃
     assert torch.allclose(ad.effective(), ad.scale * ad.ema_weight)
 
 

@@ -124,7 +124,8 @@ print(f"max |merged - un-merged| = {(before - after).abs().max():.1e}")
 # %% [markdown]
 # ## 3 · The three ensembles, one at a time
 # **Dropping**: in training each sample's adapter is off with probability 0.2, so the model trains a
-# random sub-network per example (never at inference):
+# random sub-network per example (never at inference). A kept branch is divided by 0.8, as the authors'
+# code does, so that on average training sees the branch that inference uses:
 
 # %%
 ad = adapters[0]
@@ -136,7 +137,8 @@ ad.eval()
 print("adapter on for samples:", on.int().tolist())
 
 # %% [markdown]
-# **EMA**: the loop calls `update_ema()` after every optimiser step; the average lags the weights:
+# **EMA**: the loop calls `update_ema()` after every optimiser step, averaging $W$ and $s$; the average
+# lags the weights. Like α below, it is an inference setting: training always uses the live adapter.
 
 # %%
 with torch.no_grad():
@@ -146,7 +148,7 @@ for a in adapters_of(radapter):
     a.use_ema = True
 
 # %% [markdown]
-# **Rescaling**: $W_{ens} = (I + \alpha s \tilde W_{adp}) W$. α = 0 is the zero-shot model, α = 1 the
+# **Rescaling**: $W_{ens} = (I + \alpha \tilde s \tilde W_{adp}) W$. α = 0 is the zero-shot model, α = 1 the
 # fine-tuned one; in between, a weight-space ensemble. Move along the curve:
 
 # %%

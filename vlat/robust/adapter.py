@@ -10,11 +10,24 @@ A linear adapter after a linear layer, ``y = W x + b``,  ``z = y + s · W_adp y`
   starts as the zero-shot model), learnable scale ``s`` starting at 0.1;
 - **adapter dropping**: in training, each sample's adapter branch is switched off with probability
   ``p`` (a Bernoulli(1 - p) gate per sample, as the paper describes; the reference code gates per
-  token position because its tensors are sequence-first); never in eval mode;
-- **temporal ensemble**: an EMA of the adapter weights (``W̃ ← m W̃ + (1 - m) W``, ``m = 0.999``),
-  used at inference (``use_ema``);
-- **weight-space ensemble by rescaling**: ``W_ens = (I + α s W̃_adp) W``; ``α = 0`` is the zero-shot
-  layer, ``α = 1`` the fine-tuned one (WiSE-FT without a second model).
+  token position because its tensors are sequence-first) and a kept branch is divided by ``1 - p``
+  (``rescale``, on by default: the reference's timm ``DropPath(scale_by_keep=True)``, so the branch's
+  expected value in training is the branch at inference); never in eval mode;
+- **temporal ensemble**: an EMA of the adapter (``W̃ ← m W̃ + (1 - m) W``, ``s̃`` likewise,
+  ``m = 0.999``), used at inference (``use_ema``);
+- **weight-space ensemble by rescaling**: ``W_ens = (I + α s̃ W̃_adp) W``; ``α = 0`` is the zero-shot
+  layer, ``α = 1`` the fine-tuned one (WiSE-FT without a second model). The reference evaluates at
+  ``α = 0.5`` (its ``eval_scale``; 0.8 for retrieval): set it with :func:`set_alpha`.
+
+``α`` and ``use_ema`` are inference settings: in training mode the branch is always the live ``s W``,
+as in the reference (``StochasticAdapter.forward`` scales by ``eval_scale`` and reads the EMA cache only
+when not training). Deviations from the authors' code (``tjddus9597/R-Adapter-ECCV2024``), on purpose:
+dropping gates per sample as the paper says (``gate="position"`` gives the reference's per-position
+gate); in low rank the EMA averages the product ``B A`` and ``A`` starts from N(0, 1/d) (the reference
+averages the two factors and starts ``A`` Xavier-uniform, but builds its low-rank branch only when the
+rank exceeds the width, and its merge reads the other branch: it has no low-rank path that runs end to
+end to match). The EMA averages ``s`` too (``ema_scale``, the reference's). tests/test_fidelity.py checks
+these against the reference.
 
 The wrapped linear layer is frozen; only ``W_adp`` (``A``, ``B`` in low rank) and ``s`` train.
 """
@@ -36,20 +49,29 @@ class RAdapter(FollowsOptimizer):
         drop: per-sample probability of switching the adapter off in training (0: never).
         scale: initial value of the learnable scale ``s``.
         ema: EMA momentum ``m`` of the adapter weights (0 disables the temporal ensemble).
+        rescale: divide a kept branch by ``1 - drop`` in training (the reference's DropPath); ``False``
+            leaves it as is (vlat before 0.2: the branch then averages ``(1 - p) s W y`` in training).
+        gate: ``"sample"``: one drop gate per sample (the paper); ``"position"``: one per token position,
+            shared by the batch (what the reference's DropPath does on its sequence-first tensors).
+        ema_scale: the temporal ensemble averages ``s`` too and reads ``s̃`` at inference (the reference
+            averages every adapter parameter); ``False``: the live ``s`` with ``W̃`` (vlat before 0.2).
     """
 
     def __init__(self, linear: nn.Linear, rank: int | None = None, drop: float = 0.2, scale: float = 0.1,
-                 ema: float = 0.999):
+                 ema: float = 0.999, rescale: bool = True, gate: str = "sample", ema_scale: bool = True):
         super().__init__()
         if not 0.0 <= drop < 1.0:
             raise ValueError(f"drop must lie in [0, 1), got {drop}")
         if not 0.0 <= ema < 1.0:
             raise ValueError(f"ema must lie in [0, 1), got {ema}")
         d = linear.out_features
+        if gate not in ("sample", "position"):
+            raise ValueError(f"gate must be 'sample' or 'position', got {gate!r}")
         if rank is not None and not 1 <= rank <= d:
             raise ValueError(f"rank must lie in [1, {d}] (or None for full rank), got {rank}")
         self.linear = linear.requires_grad_(False)
-        self.rank, self.drop, self.ema_momentum = rank, drop, ema
+        self.rank, self.drop, self.ema_momentum, self.rescale = rank, drop, ema, rescale
+        self.gate, self.ema_scale_on = gate, ema_scale
         if rank is None:
             self.weight = nn.Parameter(torch.zeros(d, d))
         else:  # B A with B zero-initialised: the product starts at zero, A still gets gradients
@@ -57,6 +79,7 @@ class RAdapter(FollowsOptimizer):
             self.up = nn.Parameter(torch.zeros(d, rank))
         self.scale = nn.Parameter(torch.tensor(float(scale)))
         self.register_buffer("ema_weight", torch.zeros(d, d))
+        self.register_buffer("ema_scale", torch.tensor(float(scale)))    # s̃, used when ema_scale is on
         self.alpha = 1.0          # the rescaling α of the weight-space ensemble (1: the fine-tuned adapter)
         self.use_ema = False      # read W̃ instead of W (inference after training with the EMA)
         self.merged = False
@@ -66,10 +89,14 @@ class RAdapter(FollowsOptimizer):
         """``W_adp`` as a ``d × d`` matrix (``B A`` in low rank)."""
         return self.weight if self.rank is None else self.up @ self.down
 
-    def effective(self) -> torch.Tensor:
-        """``α · s · W`` with ``W`` the EMA copy when ``use_ema``: what multiplies ``y`` in the branch."""
-        w = self.ema_weight if self.use_ema else self.adapter_weight()
-        return self.alpha * self.scale * w
+    def effective(self, inference: bool | None = None) -> torch.Tensor:
+        """What multiplies ``y`` in the branch: ``s · W`` in training; at inference (eval mode, or
+        ``inference=True``) ``α · s · W`` with ``W`` the EMA copy when ``use_ema``."""
+        if not (inference if inference is not None else not self.training):
+            return self.scale * self.adapter_weight()
+        if not self.use_ema:
+            return self.alpha * self.scale * self.adapter_weight()
+        return self.alpha * (self.ema_scale if self.ema_scale_on else self.scale) * self.ema_weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.linear(x)
@@ -77,8 +104,12 @@ class RAdapter(FollowsOptimizer):
             return y
         branch = y @ self.effective().to(y.dtype).t()
         if self.training and self.drop > 0:   # one gate per sample, broadcast over the other axes
-            gate = torch.bernoulli(torch.full((y.shape[0],) + (1,) * (y.dim() - 1), 1 - self.drop, device=y.device))
-            branch = branch * gate.to(y.dtype)
+            keep = 1 - self.drop
+            axis = 1 if self.gate == "position" and y.dim() >= 3 else 0        # [B, L, D]: L; else B
+            shape = [1] * y.dim()
+            shape[axis] = y.shape[axis]
+            gate = torch.bernoulli(torch.full(shape, keep, device=y.device))
+            branch = branch * (gate / keep if self.rescale else gate).to(y.dtype)
         return y + branch
 
     def after_optimizer_step(self) -> None:
@@ -87,16 +118,23 @@ class RAdapter(FollowsOptimizer):
 
     @torch.no_grad()
     def update_ema(self) -> None:
-        """``W̃ ← m W̃ + (1 - m) W`` (call once per optimiser step)."""
+        """``W̃ ← m W̃ + (1 - m) W`` and ``s̃ ← m s̃ + (1 - m) s`` (call once per optimiser step)."""
         self.ema_weight.mul_(self.ema_momentum).add_(self.adapter_weight().detach(), alpha=1 - self.ema_momentum)
+        self.ema_scale.mul_(self.ema_momentum).add_(self.scale.detach(), alpha=1 - self.ema_momentum)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if prefix + "ema_weight" in state_dict and prefix + "ema_scale" not in state_dict:   # saved before s̃ existed
+            state_dict[prefix + "ema_scale"] = state_dict[prefix + "scale"].detach().clone()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
     def merge(self) -> None:
         """Fold the adapter into the linear layer: ``W ← (I + M) W``, ``b ← (I + M) b`` with
-        ``M = α s W_adp`` (what :meth:`effective` gives); the branch then costs nothing."""
+        ``M = α s W_adp`` (what :meth:`effective` gives at inference, in either mode); the branch then
+        costs nothing."""
         if self.merged:
             return
-        m = torch.eye(self.linear.out_features, device=self.linear.weight.device) + self.effective().float()
+        m = torch.eye(self.linear.out_features, device=self.linear.weight.device) + self.effective(True).float()
         w, b = self.linear.weight, self.linear.bias
         self._saved = (w.detach().clone(), None if b is None else b.detach().clone())
         w.copy_((m @ w.float()).to(w.dtype))
@@ -127,9 +165,10 @@ def clip_linear_sites(clip) -> list[tuple[nn.Module, str]]:
 
 
 def add_adapters(clip, rank: int | None = None, drop: float = 0.2, scale: float = 0.1, ema: float = 0.999,
-                 freeze: bool = True) -> list[RAdapter]:
+                 freeze: bool = True, **options) -> list[RAdapter]:
     """Wrap R-Adapter's layers of a ``transformers.CLIPModel`` (vlat's tiny CLIP keeps one as ``.clip``)
-    in :class:`RAdapter` and, with ``freeze``, leave only the adapters trainable. Returns the adapters."""
+    in :class:`RAdapter` and, with ``freeze``, leave only the adapters trainable; ``options`` go to each
+    :class:`RAdapter` (``rescale``, ``gate``, ``ema_scale``). Returns the adapters."""
     clip = getattr(clip, "clip", clip)
     if freeze:
         clip.requires_grad_(False)
@@ -138,7 +177,7 @@ def add_adapters(clip, rank: int | None = None, drop: float = 0.2, scale: float 
         layer = getattr(parent, name)
         if isinstance(layer, RAdapter):
             raise ValueError("this model already has R-Adapters")
-        ad = RAdapter(layer, rank, drop, scale, ema).to(layer.weight.device).train(layer.training)  # keep eval mode
+        ad = RAdapter(layer, rank, drop, scale, ema, **options).to(layer.weight.device).train(layer.training)  # keep eval mode
         setattr(parent, name, ad)
         adapters.append(ad)
     return adapters
