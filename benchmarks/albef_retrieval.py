@@ -2,6 +2,8 @@
 
     python benchmarks/albef_retrieval.py --jobs 3        # 3 seeds (a GPU: a few minutes)
     python benchmarks/albef_retrieval.py --fast          # a smoke run
+    python benchmarks/albef_retrieval.py --init data_samples/checkpoints/albef_tiny_pretrain.safetensors \
+        --epochs 0 --finetune-epochs 2 --train-size 2048 --eval-size 300   # from the shipped model (CPU)
     python benchmarks/albef_retrieval.py --report benchmarks/results/albef_retrieval_*.json
 
 Per seed: pre-train the tiny ALBEF from scratch (ITC + ITM + MLM, queue, hard negatives, momentum
@@ -30,11 +32,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (add_run_options, group_runs, load_runs, machine, ood_means, print_table, run_and_report,  # noqa: E402
+from common import (add_run_options, check_init, group_runs, load_runs, machine, ood_means, print_table, run_and_report,  # noqa: E402
                     threads_per_job)
 
 from vlat.evaluate import ood_table, retrieval  # noqa: E402
-from vlat.models import build_model  # noqa: E402
+from vlat.models import build_model, load_model  # noqa: E402
 from vlat.train import TrainConfig, train  # noqa: E402
 from vlat.world import SHIFTS, Collator, WorldDataset, load_tokenizer  # noqa: E402
 
@@ -67,9 +69,12 @@ def run(job) -> list[dict]:
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.manual_seed(seed)
-    model = build_model("albef", "tiny", seed=seed, alpha_warmup_steps=max(1, a.train_size // a.batch_size),
-                        **json.loads(a.overrides))
-    pre_s = fit(model, "pretrain", a.epochs, a.lr, a.noise, seed, a)
+    if a.init:                        # the momentum copies restart from the loaded model
+        model = load_model(a.init).train()
+    else:
+        model = build_model("albef", "tiny", seed=seed, alpha_warmup_steps=max(1, a.train_size // a.batch_size),
+                            **json.loads(a.overrides))
+    pre_s = fit(model, "pretrain", a.epochs, a.lr, a.noise, seed, a) if a.epochs else 0.0
     tag = f"{a.name}, " if a.name else ""
     rows = [{"stage": f"{tag}zero-shot", "seed": seed, "train_s": pre_s, **scores(model, model, a)}]
     tuned = {task: copy.deepcopy(model) for task in ("itc", "itm")}
@@ -79,7 +84,8 @@ def run(job) -> list[dict]:
 
 
 def settings(a) -> str:
-    return (f"ALBEF tiny {a.overrides} pre-trained from scratch {a.epochs} epochs x {a.train_size} scenes "
+    start = f"continued from {a.init}" if a.init else "pre-trained from scratch"
+    return (f"ALBEF tiny {a.overrides} {start} {a.epochs} epochs x {a.train_size} scenes "
             f"({a.noise:.0%} noisy captions), batch {a.batch_size}, lr {a.lr}; fine-tuned {a.finetune_epochs} epochs (itc and itm copies, "
             f"lr {a.finetune_lr}); {a.seeds} seeds; {a.eval_size} test scenes per column; {machine(a)}")
 
@@ -97,7 +103,7 @@ def table(runs: list[dict]) -> None:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--epochs", type=int, default=30, help="pre-training epochs")
+    ap.add_argument("--epochs", type=int, default=30, help="pre-training epochs (0 with --init: score it as it is)")
     ap.add_argument("--finetune-epochs", type=int, default=5, help="fine-tuning epochs (each of itc, itm)")
     ap.add_argument("--train-size", type=int, default=8192, help="training scenes")
     ap.add_argument("--batch-size", type=int, default=64, help="examples per step (the queue is a multiple)")
@@ -108,8 +114,16 @@ def main(argv=None) -> None:
     ap.add_argument("--seeds", type=int, default=3, help="seeds")
     ap.add_argument("--overrides", default="{}", help='JSON of AlbefConfig fields, e.g. \'{"queue_size": 64}\'')
     ap.add_argument("--name", default="", help="a label for this configuration's rows")
+    ap.add_argument("--init", default=None, metavar="CHECKPOINT",
+                    help="start from this ALBEF checkpoint (e.g. the shipped "
+                         "data_samples/checkpoints/albef_tiny_pretrain.safetensors) instead of from scratch")
     add_run_options(ap)
     a = ap.parse_args(argv)
+    check_init(ap, a.init, "albef")
+    if a.init and json.loads(a.overrides):
+        ap.error("--overrides builds a model from scratch; a model loaded with --init keeps its own configuration")
+    if a.epochs < 0 or (a.epochs == 0 and not a.init):
+        ap.error("--epochs must be positive (0 only with --init)")
     if a.report:
         return table(load_runs(a.report))
     if a.fast:
