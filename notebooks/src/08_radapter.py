@@ -211,8 +211,8 @@ ablation_bars([r for n in names for r in runs if r["method"] == n], ["id", "comp
 
 # %% [markdown]
 # **Reading** (README has the full table): full fine-tuning wins ID (0.84) and loses the held-out
-# classes (0.31 → 0.05); adapters trained with MPM-NCE keep them (0.58–0.78) and have the best OOD
-# mean; the same R-Adapter trained with InfoNCE does not.
+# classes (0.31 → 0.05); adapters trained with MPM-NCE keep them (0.58–0.78) and have the highest OOD
+# mean *with* `composition` in it; the same R-Adapter trained with InfoNCE does not.
 #
 # **But look at what "keeping" means.** MPM-NCE never pushes down the prompts that are absent from a
 # batch, so the adapters go on predicting held-out classes for ID images too (15 % of them in the
