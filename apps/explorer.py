@@ -1,9 +1,10 @@
 """The vlat explorer: what a perturbation does to one image-text pair.
 
-    python -m apps.explorer            # http://127.0.0.1:7860, no share link, no analytics
-    vlat explore --port 7861
+    vlat explore                       # http://127.0.0.1:7860, no share link, no analytics
+    python -m vlat.apps.explorer --port 7861
 
-Pick a pair from the gallery (``data_samples/pairs``) or upload an image, edit the caption, choose a
+This folder (``apps/`` in the repository) installs as ``vlat.apps``. Pick a pair from the gallery
+(the sample pairs shipped with vlat, :func:`vlat.resources.sample_pairs`) or upload an image, edit the caption, choose a
 model, a method, the modality it perturbs, ε (a fraction of the input's own norm), the steps and the
 step size, and press *Perturb*. The panels show where δ went (per patch over the image, per token on
 the caption), the model's image attention before and after, the prediction before and after with
@@ -29,13 +30,13 @@ import gradio as gr  # noqa: E402
 from vlat.explain.pair import (MAX_EPS, MAX_STEPS, MODALITIES, explore, explorer_methods, load_image,  # noqa: E402
                                steps_help)
 from vlat.explain.views import all_figures  # noqa: E402
+from vlat.resources import checkpoint, sample_pairs, samples_dir  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-SAMPLES = ROOT / "data_samples"
+SAMPLES = samples_dir()
 MODELS = {
-    "single-stream tiny (image-text matching)": SAMPLES / "checkpoints" / "single_stream_tiny_itm.safetensors",
-    "CLIP tiny (which caption fits)": SAMPLES / "checkpoints" / "clip_tiny_itc.safetensors",
-    "ALBEF tiny (image-text matching, cross-attention)": SAMPLES / "checkpoints" / "albef_tiny_pretrain.safetensors",
+    "single-stream tiny (image-text matching)": checkpoint("single_stream_tiny_itm"),
+    "CLIP tiny (which caption fits)": checkpoint("clip_tiny_itc"),
+    "ALBEF tiny (image-text matching, cross-attention)": checkpoint("albef_tiny_pretrain"),
 }
 HUB_CHOICE = "a CLIP checkpoint (Hugging Face id or folder) ..."
 PANELS = ("perturbation", "tokens", "attention", "confidence", "attribution")
@@ -47,9 +48,10 @@ perturbed input's own norm (0.1 = 10 %). The attack pushes the model away from i
 """
 
 
-def gallery_pairs(root: Path = SAMPLES / "pairs", n: int = GALLERY_SIZE) -> list[tuple[str, str]]:
-    """``(image path, caption)`` for the first ``n`` pairs of a folder in the ``data_samples/pairs``
-    format; the caption is the pair's longest (a relation, where the scene has one)."""
+def gallery_pairs(root: Path | None = None, n: int = GALLERY_SIZE) -> list[tuple[str, str]]:
+    """``(image path, caption)`` for the first ``n`` pairs of a folder in the sample pairs' format
+    (default: the shipped sample pairs); the caption is the pair's longest (a relation, where the scene has one)."""
+    root = sample_pairs() if root is None else root
     index = root / "captions.jsonl"
     if not index.exists():
         return []

@@ -20,6 +20,7 @@ sys.path.insert(0, str(ROOT))
 from vlat.explain.pair import explore  # noqa: E402
 from vlat.explain.views import all_figures  # noqa: E402
 from vlat.models import load_model, model_tokenizer  # noqa: E402
+from vlat.resources import checkpoint, sample_pairs  # noqa: E402
 
 CHECKPOINTS = {"single-stream tiny": "single_stream_tiny_itm", "CLIP tiny": "clip_tiny_itc"}
 
@@ -29,13 +30,13 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--modality", default="both")
     a = ap.parse_args(argv)
-    image = ROOT / "data_samples" / "pairs" / "images" / "00002.png"
+    image = sample_pairs() / "images" / "00002.png"
     caption = "a purple circle left of a red circle"
     print(f"PGD-10 on {a.modality}, one pair, every panel; torch {torch.__version__}, {torch.get_num_threads()} threads")
     print("| model | median s (all) | attack | attributions | figures | target |")
     print("|---|---|---|---|---|---|")
     for label, name in CHECKPOINTS.items():
-        model = load_model(ROOT / "data_samples" / "checkpoints" / f"{name}.safetensors")
+        model = load_model(checkpoint(name))
         tok = model_tokenizer(model)
         explore(model, tok, image, caption, "PGD", a.modality, 0.1, 10)          # warm-up
         rows = []

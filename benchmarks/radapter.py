@@ -41,11 +41,12 @@ from common import (add_run_options, group_runs, load_runs, machine, print_table
 
 from vlat.evaluate import ood_table  # noqa: E402
 from vlat.models import load_model  # noqa: E402
+from vlat.resources import checkpoint  # noqa: E402
 from vlat.robust import add_adapters, set_alpha, wise_ft  # noqa: E402
 from vlat.train import TrainConfig, resolve_device, train  # noqa: E402
 from vlat.world import SHIFTS, Collator, WorldDataset, load_tokenizer  # noqa: E402
 
-ZERO_SHOT = ROOT / "data_samples" / "checkpoints" / "clip_tiny_itc.safetensors"
+ZERO_SHOT = checkpoint("clip_tiny_itc")
 WISE = (0.25, 0.5, 0.75)
 # arm -> how to fine-tune: None (no training), "probe", "full", or adapter settings
 ARMS = {

@@ -7,7 +7,6 @@
 import os
 import shutil
 import socket
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -17,9 +16,8 @@ from PIL import Image
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from apps.explorer import MODELS, gallery_pairs, launch  # noqa: E402
+from vlat.apps.explorer import MODELS, gallery_pairs, launch  # noqa: E402
 
 SS = next(iter(MODELS))                                # the single-stream model's menu entry
 CLIP = list(MODELS)[1]
@@ -160,7 +158,10 @@ def test_concurrent_requests_are_all_answered_correctly(client, server):
 def test_a_person_in_a_browser_runs_pgd_and_sees_the_panels(server, tmp_path):
     """Open the page in chromium, pick a gallery pair, run PGD, and see the heat map and the KL chart."""
     if not Path(CHROMIUM).exists():
-        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium (apt-get install chromium); .ci/run does")
+        message = f"{CHROMIUM} is missing: install Debian's chromium (apt-get install chromium); .ci/run does"
+        if os.environ.get("VLAT_REQUIRE_BROWSER") == "1":     # .ci/run: the browser test must run
+            pytest.fail(message)
+        pytest.skip(message)
     from playwright.sync_api import sync_playwright
 
     shot = tmp_path / "explorer.png"

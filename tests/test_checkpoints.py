@@ -8,15 +8,14 @@ is never one that chance would pass). They are far from what a learner needs (is
 zero-shot 0.85, TR@1 0.50); raise them when stronger checkpoints ship.
 """
 
-from pathlib import Path
-
 import pytest
 import torch
 
 from vlat.evaluate import evaluate_task
 from vlat.models import load_model
+from vlat.resources import samples_dir
 
-SHIPPED = Path(__file__).resolve().parents[1] / "data_samples" / "checkpoints"
+SHIPPED = samples_dir() / "checkpoints"
 SIZE = 300
 FLOORS = {  # (task, metric, floor); measured now: 0.873, 0.817, 0.850, 0.393, 0.223, 0.690
     "single_stream_tiny_itm": [("itm", "accuracy", 0.84)],

@@ -1,17 +1,15 @@
 """Common corruptions (vlat.world.corruptions): shapes, determinism, worked cases, severity order, the table
 and the CLI."""
 
-from pathlib import Path
-
 import pytest
 import torch
 
 from vlat.cli import main as vlat
+from vlat.resources import checkpoint
 from vlat.world import WorldDataset
 from vlat.world.corruptions import CORRUPTIONS, SEVERITIES, corrupt
 
-ROOT = Path(__file__).resolve().parents[1]
-ITM = ROOT / "data_samples" / "checkpoints" / "single_stream_tiny_itm.safetensors"
+ITM = checkpoint("single_stream_tiny_itm")
 
 
 @pytest.fixture(scope="module")

@@ -177,9 +177,9 @@ def test_folder_accepts_user_images_in_other_modes_and_sizes(tmp_path):
 
 
 def test_shipped_samples_load():
-    from pathlib import Path
+    from vlat.resources import sample_pairs
 
-    root = Path(__file__).parents[1] / "data_samples" / "pairs"
+    root = sample_pairs()
     ds = FolderDataset(root)
     assert len(ds) >= 200
     shifts = {r.get("shift") for r in ds.records}

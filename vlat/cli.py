@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--step-size", type=float, default=None, help="attack step (default eps/4)")
     e.add_argument("--steps", type=int, default=10, help="attack steps K")
     _add_common(e)
-    x = sub.add_parser("explore", help="start the Gradio explorer (apps/explorer.py) on this machine")
+    x = sub.add_parser("explore", help="start the Gradio explorer (vlat.apps.explorer) on this machine")
     x.add_argument("--host", default="127.0.0.1", help="interface to bind (default: this machine only)")
     x.add_argument("--port", type=int, default=7860, help="port")
     return parser
@@ -279,13 +279,8 @@ def cmd_eval(a) -> int:
 
 
 def cmd_explore(a) -> int:
-    """The app lives in ``apps/`` beside the package (a clone of the repository, installed with -e)."""
-    root = Path(__file__).resolve().parents[1]
-    if not (root / "apps" / "explorer.py").exists():
-        raise FileNotFoundError(f"apps/explorer.py is not beside the vlat package ({root}); clone the repository "
-                                "and install it with `pip install -e .` to run the explorer")
-    sys.path.insert(0, str(root))
-    from apps.explorer import launch
+    """The app is ``apps/explorer.py`` in the repository, installed with the package as ``vlat.apps``."""
+    from vlat.apps.explorer import launch
 
     launch(a.host, a.port)
     return 0
