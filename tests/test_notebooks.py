@@ -9,7 +9,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
-from sync_notebooks import notebook_from_source  # noqa: E402
+from sync_notebooks import notebook_from_source, public_source, render_source  # noqa: E402
 
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
@@ -24,8 +24,37 @@ def test_notebook_matches_source_and_has_no_outputs(path):
     src = notebook_from_source(ROOT / "notebooks" / "src" / (path.stem + ".py"))
     assert [c.source for c in nb.cells] == [c.source for c in src.cells], "run python scripts/sync_notebooks.py"
     assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code")
-    assert "colab-badge" in nb.cells[0].source
+    assert ("colab-badge" in nb.cells[0].source) == (public_source() is not None)
+    assert any("install" in c.metadata.get("tags", []) for c in nb.cells)
     assert any("parameters" in c.metadata.get("tags", []) for c in nb.cells)
+
+
+def test_badges_and_install_cells_are_generated_from_the_one_setting():
+    for src in sorted((ROOT / "notebooks" / "src").glob("*.py")):
+        text = src.read_text()
+        assert render_source(text, src.stem, public_source()) == text, "run python scripts/sync_notebooks.py"
+    text = (ROOT / "notebooks" / "src" / "02_pgd.py").read_text()
+    unset = render_source(text, "02_pgd", None)
+    assert "colab-badge" not in unset and 'VLAT_SOURCE = "vlat"' in unset
+    set_ = render_source(text, "02_pgd", "https://github.com/someone/vlat")
+    assert ("https://colab.research.google.com/github/someone/vlat/blob/main/notebooks/02_pgd.ipynb" in set_
+            and 'VLAT_SOURCE = "git+https://github.com/someone/vlat"' in set_)
+    assert render_source(set_, "02_pgd", None) == unset            # unsetting removes the badge again
+
+
+def test_no_repository_url_is_typed_by_hand():
+    """Every link to vlat's own repository comes from pyproject's [project.urls] Source."""
+    import re
+
+    source = public_source()
+    repo = source.split("github.com/")[-1].removesuffix(".git").strip("/") if source else None
+    allowed = {f"github.com/{repo}", f"colab.research.google.com/github/{repo}"} if repo else set()
+    files = [ROOT / "README.md", *(ROOT / "docs").glob("*.md"), *(ROOT / "notebooks" / "src").glob("*.py"),
+             *(ROOT / "notebooks").glob("*.ipynb")]
+    pattern = r"(colab\.research\.google\.com/github/[\w.-]+/[\w.-]+|github\.com/[\w.-]+/vlat)\b"
+    for f in files:
+        for url in re.findall(pattern, f.read_text()):
+            assert url in allowed, f"{f.name}: {url} is typed by hand; set [project.urls] Source instead"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)

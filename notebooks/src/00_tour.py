@@ -11,8 +11,6 @@
 # %% [markdown]
 # # 00 · A tour of vlat: the toy world, a model, a minute of training, an evaluation
 #
-# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/vlat-project/vlat/blob/main/notebooks/00_tour.ipynb)
-#
 # vlat teaches adversarial and robust training of vision-language models by running them. Everything
 # here runs on a laptop CPU: the images and captions come from a small procedural world, the models are
 # tiny but real Hugging Face transformers, and later notebooks attack and defend them.
@@ -20,14 +18,25 @@
 # This tour: **(1)** look at the world, **(2)** build a CLIP dual encoder and see where perturbations
 # go, **(3)** train it for about a minute, **(4)** evaluate it in-distribution and under five shifts.
 
-# %%
-# In Colab: install vlat first (locally, `bash scripts/setup.sh` already did).
+# %% tags=["install"]
+# Setup, written by scripts/sync_notebooks.py: installs vlat where it is missing (Colab, a fresh kernel)
+# and is safe to re-run. To install another build, set VLAT_SOURCE to a wheel's path or a URL.
+VLAT_SOURCE = "vlat"
+import importlib
+import importlib.util
+import subprocess
 import sys
 
-if "google.colab" in sys.modules:
-    import subprocess
+found = importlib.util.find_spec("vlat")
+if found is None or found.origin is None:          # missing, or only a folder named vlat (no package)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", VLAT_SOURCE], check=True)
+    importlib.invalidate_caches()
+import torch
 
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "git+https://github.com/vlat-project/vlat"], check=True)
+import vlat
+
+gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (CPU)"
+print(f"vlat {vlat.__version__} from {vlat.__file__}; GPU: {gpu}")
 
 # %% tags=["parameters"]
 # Parameters. VLAT_FAST=1 (set by CI) shrinks everything to seconds; the defaults take about a minute on CPU.
@@ -46,6 +55,7 @@ import vlat
 from vlat.evaluate import markdown_table, ood_table
 from vlat.explain import loss_curve, ood_bars, scene_grid
 from vlat.models import build_model, load_model
+from vlat.resources import checkpoint
 from vlat.train import TrainConfig, train
 from vlat.world import SHIFTS, Collator, WorldDataset, load_tokenizer
 
@@ -112,12 +122,8 @@ loss_curve(state.losses)
 # `python scripts/make_checkpoints.py`).
 
 # %%
-from pathlib import Path
-
 rows = {"this notebook": ood_table(model, "classify", size=EVAL_SCENES)}
-shipped = Path(vlat.__file__).parents[1] / "data_samples" / "checkpoints" / "clip_tiny_itc.safetensors"
-if shipped.is_file():
-    rows["shipped clip_tiny_itc"] = ood_table(load_model(shipped), "classify", size=EVAL_SCENES)
+rows["shipped clip_tiny_itc"] = ood_table(load_model(checkpoint("clip_tiny_itc")), "classify", size=EVAL_SCENES)
 print(markdown_table(rows))
 ood_bars(rows, "zero-shot accuracy: ID and per shift")
 

@@ -11,8 +11,6 @@
 # %% [markdown]
 # # 01 · FGSM and FGM: one gradient step is enough to fool a model
 #
-# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/vlat-project/vlat/blob/main/notebooks/01_fgsm_fgm.ipynb)
-#
 # **FGSM** (Goodfellow et al., 2015) moves every input entry by ε in the direction that raises the loss:
 # $\delta = \varepsilon\,\mathrm{sign}(\nabla_x L)$. **FGM** (Miyato et al., 2017) takes the L2 version,
 # $\delta = \varepsilon\, g/\lVert g\rVert_2$, and applies it where text models can be perturbed: on the
@@ -25,13 +23,25 @@
 # The rhythm of this notebook: clean prediction → the attack → what δ looks like → the defence →
 # clean vs adversarial side by side.
 
-# %%
+# %% tags=["install"]
+# Setup, written by scripts/sync_notebooks.py: installs vlat where it is missing (Colab, a fresh kernel)
+# and is safe to re-run. To install another build, set VLAT_SOURCE to a wheel's path or a URL.
+VLAT_SOURCE = "vlat"
+import importlib
+import importlib.util
+import subprocess
 import sys
 
-if "google.colab" in sys.modules:
-    import subprocess
+found = importlib.util.find_spec("vlat")
+if found is None or found.origin is None:          # missing, or only a folder named vlat (no package)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", VLAT_SOURCE], check=True)
+    importlib.invalidate_caches()
+import torch
 
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "git+https://github.com/vlat-project/vlat"], check=True)
+import vlat
+
+gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (CPU)"
+print(f"vlat {vlat.__version__} from {vlat.__file__}; GPU: {gpu}")
 
 # %% tags=["parameters"]
 import os
@@ -43,20 +53,18 @@ EVAL_SCENES = 128 if FAST else 500     # test scenes
 SEED = 0
 
 # %%
-from pathlib import Path
-
 import torch
 
-import vlat
 from vlat.adversarial import FGM, FGSM
 from vlat.evaluate import compare_training, markdown_table
 from vlat.explain import adversarial_triptych, image_heatmap, ood_bars, patch_grid, token_bars, token_magnitudes
 from vlat.models import load_model, perturbed
+from vlat.resources import checkpoint
 from vlat.train import TrainConfig
 from vlat.world import Collator, WorldDataset, load_tokenizer
 
 torch.manual_seed(SEED)
-CKPT = Path(vlat.__file__).parents[1] / "data_samples" / "checkpoints" / "single_stream_tiny_itm.safetensors"
+CKPT = checkpoint("single_stream_tiny_itm")
 model = load_model(CKPT)
 tok = load_tokenizer()
 collate = Collator(tok, "itm")

@@ -11,8 +11,6 @@
 # %% [markdown]
 # # 02 · PGD: many small steps, projected back into the ball
 #
-# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/vlat-project/vlat/blob/main/notebooks/02_pgd.ipynb)
-#
 # Madry et al. (2018) turn FGSM's single step into an optimisation: start at δ₀ (zero or random in the
 # ball) and repeat
 #
@@ -27,13 +25,25 @@
 # it at ε = 2 from 0.55 to 0.66. Numbers of fast mode on a 2-core CPU; sections 3 and 4 print those of
 # your run.
 
-# %%
+# %% tags=["install"]
+# Setup, written by scripts/sync_notebooks.py: installs vlat where it is missing (Colab, a fresh kernel)
+# and is safe to re-run. To install another build, set VLAT_SOURCE to a wheel's path or a URL.
+VLAT_SOURCE = "vlat"
+import importlib
+import importlib.util
+import subprocess
 import sys
 
-if "google.colab" in sys.modules:
-    import subprocess
+found = importlib.util.find_spec("vlat")
+if found is None or found.origin is None:          # missing, or only a folder named vlat (no package)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", VLAT_SOURCE], check=True)
+    importlib.invalidate_caches()
+import torch
 
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "git+https://github.com/vlat-project/vlat"], check=True)
+import vlat
+
+gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (CPU)"
+print(f"vlat {vlat.__version__} from {vlat.__file__}; GPU: {gpu}")
 
 # %% tags=["parameters"]
 import os
@@ -46,20 +56,18 @@ STEPS = 10                              # attack steps K
 SEED = 0
 
 # %%
-from pathlib import Path
-
 import torch
 
-import vlat
 from vlat.adversarial import FGM, PGD, per_example_norm
 from vlat.evaluate import accuracy, compare_training, markdown_table, robust_accuracy
 from vlat.explain import image_heatmap, loss_curve, ood_bars, patch_grid
 from vlat.models import load_model, perturbed
+from vlat.resources import checkpoint
 from vlat.train import TrainConfig
 from vlat.world import Collator, WorldDataset, load_tokenizer
 
 torch.manual_seed(SEED)
-CKPT = Path(vlat.__file__).parents[1] / "data_samples" / "checkpoints" / "single_stream_tiny_itm.safetensors"
+CKPT = checkpoint("single_stream_tiny_itm")
 model = load_model(CKPT)
 tok = load_tokenizer()
 collate = Collator(tok, "itm")

@@ -11,8 +11,6 @@
 # %% [markdown]
 # # 03 · FreeAT and YOPO: adversarial training at (almost) the price of clean training
 #
-# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/vlat-project/vlat/blob/main/notebooks/03_freeat_yopo.ipynb)
-#
 # PGD-K costs K + 1 passes per batch. Two ideas make the adversary nearly free:
 #
 # - **FreeAT** (Shafahi et al., 2019) replays each batch m times. Every replay is one forward/backward
@@ -28,13 +26,25 @@
 # PGD-3 reaches 0.67 and YOPO 0.70, each for several times the passes. Numbers of fast mode on a 2-core
 # CPU; section 3 prints accuracy and seconds of your run.
 
-# %%
+# %% tags=["install"]
+# Setup, written by scripts/sync_notebooks.py: installs vlat where it is missing (Colab, a fresh kernel)
+# and is safe to re-run. To install another build, set VLAT_SOURCE to a wheel's path or a URL.
+VLAT_SOURCE = "vlat"
+import importlib
+import importlib.util
+import subprocess
 import sys
 
-if "google.colab" in sys.modules:
-    import subprocess
+found = importlib.util.find_spec("vlat")
+if found is None or found.origin is None:          # missing, or only a folder named vlat (no package)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", VLAT_SOURCE], check=True)
+    importlib.invalidate_caches()
+import torch
 
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "git+https://github.com/vlat-project/vlat"], check=True)
+import vlat
+
+gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (CPU)"
+print(f"vlat {vlat.__version__} from {vlat.__file__}; GPU: {gpu}")
 
 # %% tags=["parameters"]
 import os
@@ -47,16 +57,14 @@ EVAL_SCENES = 128 if FAST else 500
 SEED = 0
 
 # %%
-from pathlib import Path
-
 import torch
 
-import vlat
 from vlat.adversarial import PGD, YOPO, FreeAT
 from vlat.evaluate import compare_training, markdown_table
 from vlat.explain import ood_bars
 from vlat.models import build_model, load_model
 from vlat.models.base import run_layer_one
+from vlat.resources import checkpoint
 from vlat.train import StepContext, TrainConfig
 from vlat.world import Collator, WorldDataset, load_tokenizer
 
@@ -122,7 +130,7 @@ print(f"full forward {1000 * full:.1f} ms, layer one {1000 * one:.1f} ms ({one /
 data = WorldDataset("itm", "train", TRAIN_SCENES, SEED)
 test = WorldDataset("itm", "test", EVAL_SCENES, SEED)
 attack = {"PGD-10 (image, eps 2)": PGD(sites=("image",), eps=2.0, step_size=0.5, steps=10)}
-CKPT = Path(vlat.__file__).parents[1] / "data_samples" / "checkpoints" / "single_stream_tiny_itm.safetensors"
+CKPT = checkpoint("single_stream_tiny_itm")
 build = lambda: load_model(CKPT)
 rows = compare_training({"clean": None, "PGD-3": PGD(sites=("image",), eps=2.0, step_size=0.7, steps=3),
                          "YOPO m=3 n=3": YOPO(sites=("image",), norm="l2", eps=2.0, step_size=0.5, outer=3, inner=3)},

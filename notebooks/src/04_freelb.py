@@ -11,8 +11,6 @@
 # %% [markdown]
 # # 04 · FreeLB: K ascent steps, and every one of them trains the model
 #
-# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/vlat-project/vlat/blob/main/notebooks/04_freelb.ipynb)
-#
 # PGD throws away the parameter gradients of its first K − 1 steps. **FreeLB** (Zhu et al., ICLR 2020)
 # keeps them: each step back-propagates $L(x+\delta_t)/K$, so after K steps the parameters hold the
 # average gradient over K adversarial points, a "virtual K× batch", for the price of K passes.
@@ -27,13 +25,25 @@
 # PGD-10 attack on the words from 0.35 to 0.54, close to PGD-3's 0.59. Numbers of fast mode on a 2-core
 # CPU; section 4 prints those of your run.
 
-# %%
+# %% tags=["install"]
+# Setup, written by scripts/sync_notebooks.py: installs vlat where it is missing (Colab, a fresh kernel)
+# and is safe to re-run. To install another build, set VLAT_SOURCE to a wheel's path or a URL.
+VLAT_SOURCE = "vlat"
+import importlib
+import importlib.util
+import subprocess
 import sys
 
-if "google.colab" in sys.modules:
-    import subprocess
+found = importlib.util.find_spec("vlat")
+if found is None or found.origin is None:          # missing, or only a folder named vlat (no package)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", VLAT_SOURCE], check=True)
+    importlib.invalidate_caches()
+import torch
 
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "git+https://github.com/vlat-project/vlat"], check=True)
+import vlat
+
+gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (CPU)"
+print(f"vlat {vlat.__version__} from {vlat.__file__}; GPU: {gpu}")
 
 # %% tags=["parameters"]
 import os
@@ -45,15 +55,13 @@ EVAL_SCENES = 128 if FAST else 500
 SEED = 0
 
 # %%
-from pathlib import Path
-
 import torch
 
-import vlat
 from vlat.adversarial import PGD, FreeLB
 from vlat.evaluate import compare_training, markdown_table
 from vlat.explain import ood_bars, token_bars, token_magnitudes
 from vlat.models import build_model, load_model, perturbed
+from vlat.resources import checkpoint
 from vlat.train import StepContext, TrainConfig
 from vlat.world import Collator, WorldDataset, load_tokenizer
 
@@ -141,7 +149,7 @@ print(f"same masks: {a:.4f} vs {b:.4f}   new masks: {c:.4f}")
 # what each buys.
 
 # %%
-CKPT = Path(vlat.__file__).parents[1] / "data_samples" / "checkpoints" / "single_stream_tiny_itm.safetensors"
+CKPT = checkpoint("single_stream_tiny_itm")
 data = WorldDataset("itm", "train", TRAIN_SCENES, SEED)
 test = WorldDataset("itm", "test", EVAL_SCENES, SEED)
 attack = {"PGD-10 (text, eps 0.3)": PGD(sites=("text",), eps=0.3, step_size=0.075, steps=10)}

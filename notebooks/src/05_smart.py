@@ -11,8 +11,6 @@
 # %% [markdown]
 # # 05 · SMART: keep the whole output distribution steady, not only the label
 #
-# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/vlat-project/vlat/blob/main/notebooks/05_smart.ipynb)
-#
 # FGM, PGD and FreeLB ask that the *label* survive the perturbation. **SMART** (Jiang et al., ACL 2020)
 # asks that the *prediction* barely move, with no label at all:
 #
@@ -32,13 +30,25 @@
 # (smoother fine-tuning for *clean* accuracy on GLUE, not robustness). Numbers of fast mode on a 2-core
 # CPU; sections 4 and 6 print those of your run.
 
-# %%
+# %% tags=["install"]
+# Setup, written by scripts/sync_notebooks.py: installs vlat where it is missing (Colab, a fresh kernel)
+# and is safe to re-run. To install another build, set VLAT_SOURCE to a wheel's path or a URL.
+VLAT_SOURCE = "vlat"
+import importlib
+import importlib.util
+import subprocess
 import sys
 
-if "google.colab" in sys.modules:
-    import subprocess
+found = importlib.util.find_spec("vlat")
+if found is None or found.origin is None:          # missing, or only a folder named vlat (no package)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", VLAT_SOURCE], check=True)
+    importlib.invalidate_caches()
+import torch
 
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "git+https://github.com/vlat-project/vlat"], check=True)
+import vlat
+
+gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (CPU)"
+print(f"vlat {vlat.__version__} from {vlat.__file__}; GPU: {gpu}")
 
 # %% tags=["parameters"]
 import os
@@ -50,23 +60,21 @@ EVAL_SCENES = 128 if FAST else 500
 SEED = 0
 
 # %%
-from pathlib import Path
-
 import torch
 
-import vlat
 from vlat.adversarial import LLR, PGD, SMART, TRADES, Frozen
 from vlat.evaluate import compare_training, markdown_table
 from vlat.explain import ood_bars
 from vlat.models import load_model, perturbed
 from vlat.objectives import kl_logits, symmetric_kl
+from vlat.resources import checkpoint
 from vlat.train import TrainConfig
 from vlat.world import Collator, WorldDataset, load_tokenizer
 
 torch.manual_seed(SEED)
 tok = load_tokenizer()
 collate = Collator(tok, "itm")
-CKPT = Path(vlat.__file__).parents[1] / "data_samples" / "checkpoints" / "single_stream_tiny_itm.safetensors"
+CKPT = checkpoint("single_stream_tiny_itm")
 model = load_model(CKPT)
 batch = collate([WorldDataset("itm", "test", 32, SEED)[k] for k in range(32)])
 

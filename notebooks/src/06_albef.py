@@ -11,8 +11,6 @@
 # %% [markdown]
 # # 06 · ALBEF: align the two encoders, then fuse them
 #
-# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/vlat-project/vlat/blob/main/notebooks/06_albef.ipynb)
-#
 # **ALBEF** (Li et al., NeurIPS 2021) first makes an image encoder and a text encoder agree
 # (**ITC**, a contrastive loss). Only then does it fuse them with cross-attention, for image-text
 # matching (**ITM**) and masked words (**MLM**). A **momentum** copy of the model supplies two things:
@@ -31,13 +29,25 @@
 # when it is noise, so the distilled targets lean less on a wrong caption than the one-hot label does.
 # Numbers of fast mode on a 2-core CPU; sections 7 and 8 print those of your run.
 
-# %%
+# %% tags=["install"]
+# Setup, written by scripts/sync_notebooks.py: installs vlat where it is missing (Colab, a fresh kernel)
+# and is safe to re-run. To install another build, set VLAT_SOURCE to a wheel's path or a URL.
+VLAT_SOURCE = "vlat"
+import importlib
+import importlib.util
+import subprocess
 import sys
 
-if "google.colab" in sys.modules:
-    import subprocess
+found = importlib.util.find_spec("vlat")
+if found is None or found.origin is None:          # missing, or only a folder named vlat (no package)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", VLAT_SOURCE], check=True)
+    importlib.invalidate_caches()
+import torch
 
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "git+https://github.com/vlat-project/vlat"], check=True)
+import vlat
+
+gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (CPU)"
+print(f"vlat {vlat.__version__} from {vlat.__file__}; GPU: {gpu}")
 
 # %% tags=["parameters"]
 import os
@@ -51,15 +61,13 @@ EVAL_SCENES = 64 if FAST else 500
 SEED = 0
 
 # %%
-from pathlib import Path
-
 import torch
 
-import vlat
 from vlat.evaluate import retrieval
 from vlat.explain import image_heatmap, loss_curve, scene_grid, similarity_heatmap, target_bars
 from vlat.models import build_model, load_model
 from vlat.objectives import distilled_targets, hard_negatives, itc_loss
+from vlat.resources import checkpoint
 from vlat.train import TrainConfig, train
 from vlat.world import Collator, WorldDataset, load_tokenizer
 
@@ -179,7 +187,7 @@ loss_curve(state.losses, "ITC + ITM + MLM")
 
 # %%
 if FAST:
-    model = load_model(Path(vlat.__file__).parents[1] / "data_samples" / "checkpoints" / "albef_tiny_pretrain.safetensors")
+    model = load_model(checkpoint("albef_tiny_pretrain"))
 model.eval()
 
 # %% [markdown]

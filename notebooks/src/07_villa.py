@@ -11,8 +11,6 @@
 # %% [markdown]
 # # 07 · VILLA: FreeLB on both modalities, plus a KL term
 #
-# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/vlat-project/vlat/blob/main/notebooks/07_villa.ipynb)
-#
 # **VILLA** (Gan et al., NeurIPS 2020) brought adversarial training to vision-and-language models, in
 # pre-training *and* fine-tuning. It perturbs the **embeddings** (word embeddings, image region or
 # patch features, never pixels or tokens), uses FreeLB's "free" inner loop (notebook 04), and adds a
@@ -29,13 +27,25 @@
 # (FreeLB, w = 0) and 1.0 (VILLA, w = 1.5), for clean accuracy 0.86 → 0.81 → 0.68. Numbers of fast mode
 # on a 2-core CPU; section 3 prints those of your run.
 
-# %%
+# %% tags=["install"]
+# Setup, written by scripts/sync_notebooks.py: installs vlat where it is missing (Colab, a fresh kernel)
+# and is safe to re-run. To install another build, set VLAT_SOURCE to a wheel's path or a URL.
+VLAT_SOURCE = "vlat"
+import importlib
+import importlib.util
+import subprocess
 import sys
 
-if "google.colab" in sys.modules:
-    import subprocess
+found = importlib.util.find_spec("vlat")
+if found is None or found.origin is None:          # missing, or only a folder named vlat (no package)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", VLAT_SOURCE], check=True)
+    importlib.invalidate_caches()
+import torch
 
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "git+https://github.com/vlat-project/vlat"], check=True)
+import vlat
+
+gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (CPU)"
+print(f"vlat {vlat.__version__} from {vlat.__file__}; GPU: {gpu}")
 
 # %% tags=["parameters"]
 import os
@@ -49,24 +59,22 @@ SEED = 0
 # %%
 import copy
 import json
-from pathlib import Path
 
 import torch
 
-import vlat
 from vlat.adversarial import PGD, VILLA, FreeLB
 from vlat.evaluate import accuracy, prediction_shift
 from vlat.explain import ablation_bars, histograms, image_heatmap, patch_grid, token_bars, token_magnitudes
 from vlat.models import load_model
+from vlat.resources import benchmark_results, checkpoint
 from vlat.train import StepContext, TrainConfig, train
 from vlat.world import Collator, WorldDataset, load_tokenizer
 
-ROOT = Path(vlat.__file__).parents[1]
 torch.manual_seed(SEED)
 tok = load_tokenizer()
 collate = Collator(tok, "itm")
 batch = collate([WorldDataset("itm", "train", 16, SEED)[k] for k in range(16)])
-model = load_model(ROOT / "data_samples" / "checkpoints" / "single_stream_tiny_itm.safetensors")  # trained ITM
+model = load_model(checkpoint("single_stream_tiny_itm"))  # trained ITM
 sites = model.perturbation_sites()
 
 
@@ -188,7 +196,7 @@ histograms({k: v["conf_adv"] for k, v in shift.items()}, "confidence in the true
 # `benchmarks/results/`:
 
 # %%
-results = sorted((ROOT / "benchmarks" / "results").glob("villa_*.json"))
+results = sorted(benchmark_results().glob("villa_*.json"))
 runs = [r for f in results for r in json.loads(f.read_text())["runs"]]
 print(json.loads(results[0].read_text())["settings"] if results else "no saved rows (run the benchmark)")
 cols = ["clean", "PGD10_text", "PGD10_image", "texture", "composition"]

@@ -11,8 +11,6 @@
 # %% [markdown]
 # # 08 · Robust fine-tuning of a zero-shot CLIP: R-Adapter, WiSE-FT and MPM-NCE
 #
-# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/vlat-project/vlat/blob/main/notebooks/08_radapter.ipynb)
-#
 # A zero-shot CLIP knows classes it was never fine-tuned on. Fine-tune it on your classes and it gets
 # better at them, and often forgets the rest: accuracy under distribution shift drops. **R-Adapter**
 # (Kim et al., ECCV 2024) fine-tunes small linear adapters instead, and builds three ensembles into
@@ -25,13 +23,25 @@
 # same ID accuracy at α = 0.75 and keeps its OOD mean at 0.28. Numbers of fast mode on a 2-core CPU (the
 # shipped zero-shot CLIP is weak, 0.40 ID); sections 1 and 3 print those of your run.
 
-# %%
+# %% tags=["install"]
+# Setup, written by scripts/sync_notebooks.py: installs vlat where it is missing (Colab, a fresh kernel)
+# and is safe to re-run. To install another build, set VLAT_SOURCE to a wheel's path or a URL.
+VLAT_SOURCE = "vlat"
+import importlib
+import importlib.util
+import subprocess
 import sys
 
-if "google.colab" in sys.modules:
-    import subprocess
+found = importlib.util.find_spec("vlat")
+if found is None or found.origin is None:          # missing, or only a folder named vlat (no package)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", VLAT_SOURCE], check=True)
+    importlib.invalidate_caches()
+import torch
 
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "git+https://github.com/vlat-project/vlat"], check=True)
+import vlat
+
+gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (CPU)"
+print(f"vlat {vlat.__version__} from {vlat.__file__}; GPU: {gpu}")
 
 # %% tags=["parameters"]
 import os
@@ -46,24 +56,22 @@ SEED = 0
 # %%
 import copy
 import json
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-import vlat
 from vlat.evaluate import markdown_table, ood_table
 from vlat.explain import ablation_bars, id_ood_scatter, ood_bars, target_bars
 from vlat.models import load_model
 from vlat.objectives import mpm_nce, mpm_targets
+from vlat.resources import benchmark_results, checkpoint
 from vlat.robust import adapters_of, add_adapters, merge_adapters, set_alpha, unmerge_adapters, wise_ft
 from vlat.train import TrainConfig, train
 from vlat.world import Collator, WorldDataset, load_tokenizer
 
-ROOT = Path(vlat.__file__).parents[1]
 torch.manual_seed(SEED)
 tok = load_tokenizer()
-zero_shot = load_model(ROOT / "data_samples" / "checkpoints" / "clip_tiny_itc.safetensors")
+zero_shot = load_model(checkpoint("clip_tiny_itc"))
 data = WorldDataset("classify", "train", TRAIN_SCENES, SEED)
 collate = Collator(tok, "classify")
 
@@ -201,7 +209,7 @@ print("is out of reach; MPM-NCE's is not. Loss with the right groups:", round(fl
 # `python benchmarks/radapter.py --jobs 14` (3 seeds, H100; rows in `benchmarks/results/`):
 
 # %%
-saved = ROOT / "benchmarks" / "results" / "radapter_h100_classify.json"
+saved = benchmark_results() / "radapter_h100_classify.json"
 runs = [r for item in json.loads(saved.read_text())["runs"] for r in item] if saved.exists() else []
 print(json.loads(saved.read_text())["settings"] if runs else "no saved rows (run the benchmark)")
 names = ["zero-shot", "full fine-tuning", "WiSE-FT α=0.5", "PEFT: plain adapter r=8", "R-Adapter (+ rescaling)",

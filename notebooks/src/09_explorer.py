@@ -11,9 +11,7 @@
 # %% [markdown]
 # # 09 · The explorer, inline: what a perturbation does to one image-text pair
 #
-# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/vlat-project/vlat/blob/main/notebooks/09_explorer.ipynb)
-#
-# The Gradio app (`python -m apps.explorer`) and this notebook draw the same views from the same
+# The Gradio app (`vlat explore`) and this notebook draw the same views from the same
 # function, `vlat.explain.pair.explore`. For one pair it runs a method's **inner maximisation** on a
 # fixed model and measures:
 #
@@ -30,15 +28,25 @@
 # makes it a sure "no match" (1.00), while FGSM's one step at the same ε barely moves it (symmetric KL 0.10
 # against PGD's 6.4). Numbers of fast mode on a 2-core CPU; sections 1 and 6 print those of your run.
 
-# %%
+# %% tags=["install"]
+# Setup, written by scripts/sync_notebooks.py: installs vlat where it is missing (Colab, a fresh kernel)
+# and is safe to re-run. To install another build, set VLAT_SOURCE to a wheel's path or a URL.
+VLAT_SOURCE = "vlat"
+import importlib
+import importlib.util
+import subprocess
 import sys
 
-if "google.colab" in sys.modules:
-    import subprocess
+found = importlib.util.find_spec("vlat")
+if found is None or found.origin is None:          # missing, or only a folder named vlat (no package)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", VLAT_SOURCE], check=True)
+    importlib.invalidate_caches()
+import torch
 
-    subprocess.run(["git", "clone", "-q", "https://github.com/vlat-project/vlat"], check=True)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", "vlat"], check=True)
-    sys.path.insert(0, "vlat")
+import vlat
+
+gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (CPU)"
+print(f"vlat {vlat.__version__} from {vlat.__file__}; GPU: {gpu}")
 
 # %% tags=["parameters"]
 import os
@@ -50,17 +58,16 @@ SEED = 0
 
 # %%
 import json
-from pathlib import Path
 
 import torch
 
-import vlat
 from vlat.explain.pair import explore, explorer_methods, probe
 from vlat.explain.views import attention_figure, attribution_figure, confidence_figure, perturbation_figure, token_figure
 from vlat.models import load_model, model_tokenizer
+from vlat.resources import samples_dir
 
 torch.manual_seed(SEED)
-samples = Path(vlat.__file__).parents[1] / "data_samples"
+samples = samples_dir()
 model = load_model(samples / "checkpoints" / "single_stream_tiny_itm.safetensors")
 tok = model_tokenizer(model)
 records = [json.loads(line) for line in (samples / "pairs" / "captions.jsonl").read_text().splitlines()]
@@ -153,4 +160,4 @@ widgets.interact_manual(show, pair=widgets.IntSlider(0, 0, len(pairs) - 1, descr
                         eps=widgets.FloatSlider(value=0.1, min=0.01, max=0.5, step=0.01, description="ε"));
 
 # %% [markdown]
-# The same views with an upload box and a gallery: `python -m apps.explorer` (or `vlat explore`).
+# The same views with an upload box and a gallery: `vlat explore` (or `python -m vlat.apps.explorer`).
