@@ -225,6 +225,6 @@ ablation_bars([r for n in names for r in runs if r["method"] == n], ["id", "comp
 # **But look at what "keeping" means.** MPM-NCE never pushes down the prompts that are absent from a
 # batch, so the adapters go on predicting held-out classes for ID images too (15 % of them in the
 # README's re-measurement, against 2 % for full fine-tuning). Asked only *which* held-out class a
-# held-out scene shows, full fine-tuning is the better model (0.97 vs 0.94), and without the
+# held-out scene shows, full fine-tuning is the better model (0.97 vs 0.93), and without the
 # `composition` column, or on common corruptions, it leads the OOD mean. The lead above is a label
 # prior, not robustness.
