@@ -65,6 +65,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--init", default=None, metavar="CHECKPOINT",
                    help="start from a saved model (fine-tuning after pre-training); its family and sizes replace "
                         "--model, --preset and --model-overrides")
+    t.add_argument("--pretrained", default=None, metavar="ID_OR_PATH",
+                   help="start from a real pretrained model: a CLIPModel checkpoint for --model clip; a BERT for "
+                        "single_stream and albef (the text side; their vision side starts from random weights). "
+                        "A Hugging Face id (online) or a local folder")
+    t.add_argument("--data", default=None, metavar="PATH",
+                   help="train on your own image-caption pairs instead of the toy world: a folder with a "
+                        "captions.jsonl (the format of vlat.world.folder). Records marked \"split\": \"train\" / "
+                        "\"test\" are used so; otherwise 10 %% of the pairs are held out for the final retrieval "
+                        "score. Tasks: itc (clip, albef) and pretrain (albef)")
     t.add_argument("--preset", default="tiny", help="size preset: tiny (about a minute on CPU), nano (seconds), "
                    "base (single_stream, GPU)")
     t.add_argument("--task", default=None, choices=TASKS,
@@ -172,29 +181,44 @@ def attack_from_args(a):
 def cmd_train(a) -> int:
     import torch
 
-    from vlat.evaluate import evaluate_task, markdown_table, ood_table
+    from vlat.evaluate import evaluate_task, markdown_table, ood_table, pair_retrieval
     from vlat.models import MODELS, build_model, load_model, model_tokenizer, read_metadata, save_model
     from vlat.train import TrainConfig, clean_step, train
-    from vlat.world import Collator, WorldDataset
+    from vlat.world import Collator, WorldDataset, train_test_pairs
 
+    if a.init and a.pretrained:
+        raise ValueError("--init continues a vlat checkpoint and --pretrained starts from a Hugging Face one: "
+                         "give one of them")
     if a.init:
         a.model = read_metadata(a.init)["kind"]
     if a.model not in MODELS:
         raise ValueError(f"unknown model {a.model!r}; choose one of {', '.join(MODELS)}")
     task = a.task or MODELS[a.model][0].default_task
+    if a.data is not None and (task, a.model) not in DATA_TASKS:
+        raise ValueError(f"--data trains {', '.join(f'{m} {t}' for t, m in DATA_TASKS)} from image-caption pairs; "
+                         f"{a.model} {task} needs the toy world's labels (leave out --data)")
     step = method_from_args(a)
     if step is not clean_step:  # equal cost to clean training (FreeAT: N/m epochs of m replays)
         a.epochs = step.epochs_for(a.epochs)
     torch.manual_seed(a.seed)
-    model = load_model(a.init).train() if a.init else build_model(a.model, a.preset, **json.loads(a.model_overrides))
+    if a.init:
+        model = load_model(a.init).train()
+    elif a.pretrained:
+        model = pretrained_model(a.model, a.pretrained, a.preset, **json.loads(a.model_overrides)).train()
+    else:
+        model = build_model(a.model, a.preset, **json.loads(a.model_overrides))
     model.check_task(task)
     if a.hard_negatives and not (model.hard_negatives and task == "itc"):
         raise ValueError(f"--hard-negatives is for contrastive training of a model that uses them (clip, task itc); "
                          f"got {a.model}, task {task}")
-    data = WorldDataset(task, "train", a.train_size, a.seed, noise_rate=a.noise_rate, image_size=model.config.image_size,
-                        hard_negatives=a.hard_negatives)
+    test = None
+    if a.data is not None:
+        data, test = train_test_pairs(a.data, model.config.image_size, seed=a.seed)
+    else:
+        data = WorldDataset(task, "train", a.train_size, a.seed, noise_rate=a.noise_rate,
+                            image_size=model.config.image_size, hard_negatives=a.hard_negatives)
     tok = model_tokenizer(model)
-    model.prepare_training(max(1, a.train_size // a.batch_size))
+    model.prepare_training(max(1, len(data) // a.batch_size))
     eval_task = model.score_task(task)
     cfg = TrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, weight_decay=a.weight_decay,
                       warmup_frac=a.warmup, grad_clip=a.grad_clip, seed=a.seed, eval_every=a.eval_every,
@@ -203,17 +227,41 @@ def cmd_train(a) -> int:
     metric = "TR@1" if eval_task == "itc" else "accuracy"
 
     def eval_fn(m):
+        if a.data is not None:
+            return {"test_TR@1": pair_retrieval(m, test, tok)["TR@1"]} if test is not None else {}
         return {f"val_{metric}": evaluate_task(m, eval_task, "val", min(a.eval_size, 300), a.seed, None, tok)[metric]}
 
     state = train(model, task, data, cfg, step_fn=step, collate_fn=Collator(tok, task), eval_fn=eval_fn,
                   resume=a.resume)
     out = Path(a.out)
-    save_model(model, out / "model.safetensors", task=task, method=a.method, train_size=a.train_size,
-               epochs=a.epochs, seed=a.seed)
+    save_model(model, out / "model.safetensors", task=task, method=a.method, train_size=len(data),
+               epochs=a.epochs, seed=a.seed, **({"data": str(a.data)} if a.data is not None else {}))
     print(f"trained {state.step} steps in {state.seconds:.1f} s ({state.skipped} skipped); saved {out / 'model.safetensors'}")
+    if a.data is not None:
+        if test is None:
+            print(f"no held-out pairs in {a.data} (fewer than 20 pairs, or no \"test\" records): nothing to score")
+        else:
+            print(markdown_table({f"{a.model} {task} on {len(test)} held-out pairs of {a.data}": pair_retrieval(model, test, tok)}))
+        return 0
     table = ood_table(model, eval_task, a.eval_size, a.seed, tokenizer=tok)
     print(markdown_table({f"{a.model} {task}->{eval_task} ({metric})": table}))
     return 0
+
+
+DATA_TASKS = (("itc", "clip"), ("itc", "albef"), ("pretrain", "albef"))   # what --data can train
+
+
+def pretrained_model(kind: str, name_or_path: str, preset: str = "tiny", **overrides):
+    """A vlat model around a real pretrained checkpoint: ``CLIPModel`` for clip; a BERT (its text side)
+    for single_stream and albef."""
+    from vlat.models import MODELS
+
+    cls = MODELS[kind][0]
+    if kind == "clip":
+        if overrides:
+            raise ValueError("--model-overrides does not apply to a pretrained CLIP: its sizes are the checkpoint's")
+        return cls.from_pretrained(name_or_path)
+    return cls.from_bert(name_or_path, preset, **overrides)
 
 
 def parse_shifts(text: str) -> tuple[tuple, list]:

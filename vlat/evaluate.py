@@ -179,6 +179,19 @@ def retrieval(model: VLModel, dataset: WorldDataset, tokenizer=None, ks=(1, 5, 1
     return recall_at_k(scores, truth_matrix(dataset.scenes, claims), ks)
 
 
+def pair_retrieval(model: VLModel, dataset, tokenizer=None, ks=(1, 5, 10)) -> dict:
+    """Recall@k on image-caption pairs of your own (:class:`vlat.world.FolderDataset`): each image's first
+    caption is its query text; a caption counts as right for every image that lists it."""
+    from vlat.models import model_tokenizer
+
+    tokenizer = tokenizer or model_tokenizer(model)
+    texts = [caps[0] for caps in dataset.captions]
+    truth = torch.tensor([[t in caps for t in texts] for caps in dataset.captions], dtype=torch.bool)
+    with evaluating(model):
+        scores = similarity(model, dataset.images.float(), texts, tokenizer)
+    return recall_at_k(scores, truth, ks)
+
+
 def evaluate_task(model: VLModel, task: str, split: str = "test", size: int = 500, seed: int = 0,
                   shift: str | None = None, tokenizer=None) -> dict[str, float]:
     """The task's metrics on one split/shift of the toy world."""
@@ -237,5 +250,5 @@ def markdown_table(rows: dict[str, dict[str, float]], digits: int = 3) -> str:
 
 
 __all__ = ["accuracy", "compare_training", "corruption_table", "dataset_metrics", "evaluate_task", "evaluating",
-           "markdown_table", "ood_table", "recall_at_k", "retrieval", "robust_accuracy", "similarity", "task_batches",
-           "truth_matrix"]
+           "markdown_table", "ood_table", "pair_retrieval", "recall_at_k", "retrieval", "robust_accuracy", "similarity",
+           "task_batches", "truth_matrix"]

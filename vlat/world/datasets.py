@@ -218,7 +218,8 @@ class Collator:
         else:
             batch.update(encode_text(self.tokenizer, [it["text"] for it in items], self.max_length))
         if self.task in ("mlm", "pretrain"):  # mask once here, so every inner step of a method sees the same text
-            g = torch.Generator().manual_seed(sum(it["mask_seed"] for it in items) % (2**63))
+            # items of your own pairs (FolderDataset) carry no mask_seed: their index seeds the mask
+            g = torch.Generator().manual_seed(sum(it.get("mask_seed", it["index"]) for it in items) % (2**63))
             tk = self.tokenizer
             masked, batch["mlm_labels"] = mask_tokens(
                 batch["input_ids"], pad_id=tk.pad_token_id, cls_id=tk.cls_token_id, mask_id=tk.mask_token_id,

@@ -87,8 +87,35 @@ class FolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    def subset(self, indices) -> "FolderDataset":
+        """A copy holding only the pairs at ``indices`` (images are shared, not re-read)."""
+        out = object.__new__(FolderDataset)
+        idx = [int(i) for i in indices]
+        out.root, out.records = self.root, [self.records[i] for i in idx]
+        out.images, out.captions = self.images[idx], [self.captions[i] for i in idx]
+        out.scenes = [self.scenes[i] for i in idx]
+        return out
+
     def __getitem__(self, i: int) -> dict:
         return {"pixel_values": self.images[i], "text": self.captions[i][0], "label": i, "index": i}
+
+
+def train_test_pairs(root: str | Path, image_size: int = 64, holdout: float = 0.1, seed: int = 0
+                     ) -> tuple[FolderDataset, FolderDataset | None]:
+    """``(train, test)`` pairs of a folder: its ``"split": "train"`` / ``"test"`` records where it marks
+    them, else a seeded ``holdout`` fraction of all pairs kept out for testing (``None`` below 2 pairs)."""
+    if not 0.0 <= holdout < 1.0:
+        raise ValueError(f"holdout must lie in [0, 1), got {holdout}")
+    every = FolderDataset(root, image_size)
+    splits = [r.get("split") for r in every.records]
+    if "train" in splits:
+        test = [i for i, s in enumerate(splits) if s == "test"]
+        return every.subset([i for i, s in enumerate(splits) if s == "train"]), (every.subset(test) if test else None)
+    n_test = int(len(every) * holdout)
+    if n_test < 2:
+        return every, None
+    order = torch.randperm(len(every), generator=torch.Generator().manual_seed(seed)).tolist()
+    return every.subset(sorted(order[n_test:])), every.subset(sorted(order[:n_test]))
 
 
 def write_folder(root: str | Path, per_split: dict[str, int], seed: int = 1234, image_size: int = 64) -> int:
