@@ -84,10 +84,15 @@ def run(job) -> list[dict]:
 
 
 def settings(a) -> str:
-    start = f"continued from {a.init}" if a.init else "pre-trained from scratch"
-    return (f"ALBEF tiny {a.overrides} {start} {a.epochs} epochs x {a.train_size} scenes "
-            f"({a.noise:.0%} noisy captions), batch {a.batch_size}, lr {a.lr}; fine-tuned {a.finetune_epochs} epochs (itc and itm copies, "
-            f"lr {a.finetune_lr}); {a.seeds} seeds; {a.eval_size} test scenes per column; {machine(a)}")
+    pre = (f"{a.epochs} epochs x {a.train_size} scenes ({a.noise:.0%} noisy captions), batch {a.batch_size}, "
+           f"lr {a.lr}")
+    if a.init:
+        start = f"from {a.init}" + (f", pre-training continued {pre}" if a.epochs else " as it is")
+    else:
+        start = f"pre-trained from scratch {pre}"
+    return (f"ALBEF tiny {a.overrides} {start}; fine-tuned {a.finetune_epochs} epochs x {a.train_size} clean scenes "
+            f"(itc and itm copies, batch {a.batch_size}, lr {a.finetune_lr}); {a.seeds} seeds; {a.eval_size} test "
+            f"scenes per column; {machine(a)}")
 
 
 def table(runs: list[dict]) -> None:
