@@ -82,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_method_options(t)
     t.add_argument("--epochs", type=int, default=3, help="passes over the training scenes")
     t.add_argument("--train-size", type=int, default=4000, help="number of training scenes")
-    t.add_argument("--batch-size", type=int, default=64, help="examples per optimiser step")
+    t.add_argument("--batch-size", type=int, default=64, help="examples per optimiser step (under torchrun: the "
+                   "global batch, split evenly over the processes)")
     t.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (warm-up then cosine)")
     t.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
     t.add_argument("--warmup", type=float, default=0.1, help="fraction of steps for linear warm-up")
@@ -186,6 +187,9 @@ def cmd_train(a) -> int:
     from vlat.train import TrainConfig, clean_step, train
     from vlat.world import Collator, WorldDataset, train_test_pairs
 
+    from vlat import distributed
+
+    distributed.init_from_env()          # under torchrun: join the process group (a no-op otherwise)
     if a.init and a.pretrained:
         raise ValueError("--init continues a vlat checkpoint and --pretrained starts from a Hugging Face one: "
                          "give one of them")
@@ -233,6 +237,8 @@ def cmd_train(a) -> int:
 
     state = train(model, task, data, cfg, step_fn=step, collate_fn=Collator(tok, task), eval_fn=eval_fn,
                   resume=a.resume)
+    if not distributed.is_main():        # rank 0 writes the model and reports
+        return 0
     out = Path(a.out)
     save_model(model, out / "model.safetensors", task=task, method=a.method, train_size=len(data),
                epochs=a.epochs, seed=a.seed, **({"data": str(a.data)} if a.data is not None else {}))

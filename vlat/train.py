@@ -37,6 +37,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from vlat.checkpoint import load_tensors, read_header, save_tensors
+from vlat import distributed
 from vlat.models.base import TaskOutput, VLModel
 
 
@@ -73,8 +74,9 @@ class TrainState:
 
 
 def resolve_device(device: str = "auto") -> torch.device:
+    """``auto``: this process's GPU (under torchrun: the one of its local rank), else the CPU."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return distributed.local_device()
     return torch.device(device)
 
 
@@ -129,12 +131,15 @@ class StepContext:
             self.scaler.unscale_(self.optimizer)
 
     def optimizer_step(self, loss: torch.Tensor | None = None) -> bool:
-        """Clip and apply the accumulated gradients; skip (and count) if anything is non-finite."""
+        """Clip and apply the accumulated gradients; skip (and count) if anything is non-finite. Under
+        torchrun the gradients are first averaged over the ranks: the one all-reduce of the step."""
         self.unscale()
+        distributed.all_reduce_gradients(self.model.parameters())
         params = [p for p in self.model.parameters() if p.grad is not None]
         clip = self.config.grad_clip if self.config.grad_clip > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(params, clip) if params else torch.zeros(())
         finite = bool(torch.isfinite(norm)) and (loss is None or bool(torch.isfinite(loss.detach())))
+        finite = distributed.all_finite(finite)
         if not finite and self.scaler is None:
             self.optimizer.zero_grad(set_to_none=True)
             self.state.skipped += 1
@@ -242,11 +247,16 @@ def train(model: VLModel, task: str, train_data, config: TrainConfig | None = No
     """
     config = config or TrainConfig()
     model.check_task(task)
-    if not config.drop_last and model.full_batches:
-        config = replace(config, drop_last=True)     # e.g. ALBEF: its queues advance one whole batch per step
+    world = distributed.world_size()
+    if not config.drop_last and (model.full_batches or world > 1):
+        config = replace(config, drop_last=True)     # ALBEF's queues, or equal shards: whole batches only
+    if config.batch_size % world:
+        raise ValueError(f"batch size {config.batch_size} (the global batch) does not split over {world} processes; "
+                         f"use a multiple of {world}")
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     model.to(device)
+    distributed.broadcast_state(model)
     n = len(train_data)
     per_epoch = n // config.batch_size if config.drop_last else math.ceil(n / config.batch_size)
     if per_epoch == 0:
@@ -260,14 +270,16 @@ def train(model: VLModel, task: str, train_data, config: TrainConfig | None = No
         ctx.state = state
     out_dir = Path(config.out_dir) if config.out_dir else None
 
+    main = distributed.is_main()
+
     def checkpoint():
-        if out_dir is not None:
+        if out_dir is not None and main:
             save_train_checkpoint(out_dir / "last.safetensors", model, optimizer, scheduler, ctx.scaler, state,
                                   config, task)
             (out_dir / "history.json").write_text(json.dumps(asdict(state), indent=1))
 
     def evaluate():
-        if eval_fn is not None:
+        if eval_fn is not None and main:
             model.eval()
             with torch.no_grad():
                 metrics = eval_fn(model)
@@ -278,7 +290,8 @@ def train(model: VLModel, task: str, train_data, config: TrainConfig | None = No
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, initial=state.step, disable=not config.progress, desc=f"train {task}", unit="step")
+    bar = tqdm(total=total, initial=state.step, disable=not (config.progress and main), desc=f"train {task}",
+               unit="step")
     t0 = time.perf_counter() - state.seconds
     model.train()
     while state.epoch < config.epochs and state.step < total:
@@ -291,8 +304,11 @@ def train(model: VLModel, task: str, train_data, config: TrainConfig | None = No
             if state.step >= total:
                 break
             items = [train_data[i] for i in order[start:start + config.batch_size]]
-            batch = to_device(collate_fn(items) if collate_fn else items, device)
-            loss = step_fn(ctx, batch)
+            batch = collate_fn(items) if collate_fn else items
+            if world > 1:                               # this rank's rows of the global batch
+                batch = distributed.shard_batch(batch, len(items))
+            with distributed.sharding():
+                loss = step_fn(ctx, to_device(batch, device))
             scheduler.step()
             state.step += 1
             state.batch_in_epoch += 1

@@ -17,6 +17,7 @@ from typing import Sequence
 
 import torch
 
+from vlat.distributed import rows_of_global_draw
 from vlat.models.base import VLModel, perturbed
 
 NORMS = ("l2", "linf")
@@ -64,7 +65,7 @@ def init_delta(shape: Sequence[int], mask: torch.Tensor, init: str = "zero", mag
     if init == "zero" or magnitude == 0:
         d = torch.zeros(shape, device=device)
     elif init == "uniform":
-        d = torch.rand(shape, generator=generator, device="cpu").to(device) * 2 - 1
+        d = rows_of_global_draw(shape, lambda s: torch.rand(s, generator=generator, device="cpu")).to(device) * 2 - 1
         d = d * mask
         if norm == "l2":
             n = mask.expand(shape).flatten(1).sum(1).clamp_min(1)             # [B] unmasked entries
@@ -72,7 +73,7 @@ def init_delta(shape: Sequence[int], mask: torch.Tensor, init: str = "zero", mag
         else:
             d = d * magnitude
     elif init == "normal":
-        d = torch.randn(shape, generator=generator, device="cpu").to(device) * magnitude
+        d = rows_of_global_draw(shape, lambda s: torch.randn(s, generator=generator, device="cpu")).to(device) * magnitude
     else:
         raise ValueError(f"unknown init {init!r}; choose one of {', '.join(INITS)}")
     return (d * mask).requires_grad_(True)

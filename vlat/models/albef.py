@@ -66,6 +66,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlat import distributed
 from vlat.models.base import (PerturbationSite, TaskOutput, VLModel, caption_ids, full_mask, per_example_ce,
                               text_mask)
 from vlat.objectives import ema_, hard_negatives, itc_loss, mlm_loss
@@ -301,7 +302,7 @@ class AlbefModel(VLModel):
     def after_optimizer_step(self) -> None:
         """Enqueue the last batch's momentum features, then ``θ̃ ← m θ̃ + (1 - m) θ``; clamp τ."""
         if self._pending is not None:
-            img, txt, idx = self._pending
+            img, txt, idx = (distributed.gather_rows(t) for t in self._pending)   # every rank's rows, in order
             B, ptr = img.shape[0], self.ptr
             self.image_queue[ptr:ptr + B] = img
             self.text_queue[ptr:ptr + B] = txt
@@ -358,7 +359,7 @@ class AlbefModel(VLModel):
 
         B = pixels.shape[0]
         if self.training:
-            self._check_queue(B)
+            self._check_queue(B * distributed.world_size())
         alpha = self.current_alpha()
         temp = self.temp.clamp(self.config.temp_min, 0.5)
         img, image_states = self.image_features(pixels)
