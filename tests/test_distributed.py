@@ -89,6 +89,42 @@ def train_albef(rank, out: Path):
         torch.save({k: v for k, v in model.state_dict().items() if "queue" in k}, out / "albef.pt")
 
 
+def interrupted_and_resumed(rank, out: Path):
+    """Four steps straight; the same run stopped in step 3 after a checkpoint at step 2, then resumed."""
+    from vlat.models import build_model
+    from vlat.train import TrainConfig, clean_step, train
+    from vlat.world import Collator, WorldDataset, load_tokenizer
+
+    tok = load_tokenizer()
+
+    def run(where, step_fn=clean_step, resume=None):
+        torch.manual_seed(0)
+        model = build_model("single_stream", "nano", dropout=0.0)
+        cfg = TrainConfig(epochs=2, batch_size=8, save_every=2, device="cpu", progress=False, out_dir=str(where))
+        state = train(model, "itm", WorldDataset("itm", "train", 16, seed=0), cfg, step_fn=step_fn,
+                      collate_fn=Collator(tok, "itm"), resume=resume)
+        return model, state
+
+    full, full_state = run(out / "full")
+    calls = {"n": 0}
+
+    def crashing(ctx, batch):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return clean_step(ctx, batch)
+
+    try:
+        run(out / "part", crashing)
+    except KeyboardInterrupt:
+        pass
+    torch.manual_seed(123)
+    resumed, state = run(out / "part", resume=out / "part" / "last.safetensors")
+    if rank == 0:
+        torch.save({"full": full.state_dict(), "resumed": resumed.state_dict(), "full_losses": full_state.losses,
+                    "losses": state.losses}, out / "resume.pt")
+
+
 def die_or_reduce(rank, out: Path):
     if rank == 1:
         os._exit(3)                                   # a rank that dies before the first update
@@ -148,6 +184,14 @@ def test_albef_queues_over_two_processes_equal_one_process(tmp_path):
     assert not torch.allclose(before[:24], model.image_queue[:24])
     for k in ("image_queue", "text_queue", "idx_queue"):
         assert torch.allclose(ddp[k], getattr(model, k), atol=1e-5), k
+
+
+def test_resume_over_two_processes_is_exact(tmp_path):
+    assert in_processes(interrupted_and_resumed, 2, tmp_path) == [0, 0]
+    saved = torch.load(tmp_path / "resume.pt")
+    assert len(saved["full_losses"]) == 4 and saved["losses"] == saved["full_losses"]   # exact
+    for k, v in saved["full"].items():
+        assert torch.equal(saved["resumed"][k], v), k
 
 
 def test_a_rank_that_dies_makes_the_other_fail_with_a_clear_error(tmp_path):
