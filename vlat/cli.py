@@ -208,7 +208,7 @@ def cmd_train(a) -> int:
     if a.init:
         model = load_model(a.init).train()
     elif a.pretrained:
-        model = pretrained_model(a.model, a.pretrained, a.preset, **json.loads(a.model_overrides)).train()
+        model = MODELS[a.model][0].pretrained(a.pretrained, a.preset, **json.loads(a.model_overrides)).train()
     else:
         model = build_model(a.model, a.preset, **json.loads(a.model_overrides))
     model.check_task(task)
@@ -255,19 +255,6 @@ def cmd_train(a) -> int:
 
 
 DATA_TASKS = (("itc", "clip"), ("itc", "albef"), ("pretrain", "albef"))   # what --data can train
-
-
-def pretrained_model(kind: str, name_or_path: str, preset: str = "tiny", **overrides):
-    """A vlat model around a real pretrained checkpoint: ``CLIPModel`` for clip; a BERT (its text side)
-    for single_stream and albef."""
-    from vlat.models import MODELS
-
-    cls = MODELS[kind][0]
-    if kind == "clip":
-        if overrides:
-            raise ValueError("--model-overrides does not apply to a pretrained CLIP: its sizes are the checkpoint's")
-        return cls.from_pretrained(name_or_path)
-    return cls.from_bert(name_or_path, preset, **overrides)
 
 
 def parse_shifts(text: str) -> tuple[tuple, list]:

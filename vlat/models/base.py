@@ -152,6 +152,12 @@ class VLModel(nn.Module):
         """The task that measures a model trained on ``task`` (pre-training is scored on the primary task)."""
         return self.primary_task if task == "pretrain" else task
 
+    @classmethod
+    def pretrained(cls, name_or_path: str, preset: str = "tiny", **overrides) -> "VLModel":
+        """This model around a real pretrained checkpoint (``vlat train --pretrained``): by default a BERT
+        for the text side (``from_bert``); a model family with its own checkpoints overrides this."""
+        return cls.from_bert(name_or_path, preset, **overrides)
+
     def prepare_training(self, steps_per_epoch: int) -> None:
         """Called once before training with the number of optimiser steps per epoch (ALBEF ramps its
         distillation weight over the first epoch); most models need nothing."""

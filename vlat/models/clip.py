@@ -134,6 +134,13 @@ class ClipDualEncoder(VLModel):
                              image_std=OPENAI_STD, tokenizer=str(name_or_path), pretrained=str(name_or_path))
         return cls(cfg, clip=clip)
 
+    @classmethod
+    def pretrained(cls, name_or_path: str, preset: str = "tiny", **overrides) -> "ClipDualEncoder":
+        """``vlat train --pretrained``: a ``CLIPModel`` checkpoint; its sizes are the checkpoint's."""
+        if overrides:
+            raise ValueError("--model-overrides does not apply to a pretrained CLIP: its sizes are the checkpoint's")
+        return cls.from_pretrained(name_or_path)
+
     def save_pretrained(self, path: str | Path, tokenizer=None) -> None:
         """Write a Hugging Face checkpoint folder (plus ``vlat_clip.json``) that :meth:`from_pretrained` reads."""
         path = Path(path)
