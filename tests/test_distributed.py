@@ -75,6 +75,19 @@ def train_every_method(rank, out: Path):
             torch.save(model.state_dict(), out / f"{name}.pt")
 
 
+def train_clip(rank, out: Path, gather: bool):
+    from vlat.models import build_model
+    from vlat.train import TrainConfig, train
+    from vlat.world import Collator, WorldDataset, load_tokenizer
+
+    torch.manual_seed(0)
+    model = build_model("clip", "nano", gather_negatives=gather)
+    train(model, "itc", WorldDataset("itc", "train", 16, seed=0), TrainConfig(batch_size=8, max_steps=2,
+          device="cpu", progress=False), collate_fn=Collator(load_tokenizer(), "itc"))
+    if rank == 0:
+        torch.save(model.state_dict(), out / f"clip_{gather}.pt")
+
+
 def train_albef(rank, out: Path):
     from vlat.models import build_model
     from vlat.train import TrainConfig, train
@@ -165,6 +178,27 @@ def test_two_processes_on_half_batches_equal_one_process_on_the_whole(name, two_
     assert moved                                                   # the steps changed the weights ...
     for k, v in model.state_dict().items():                        # ... alike in both runs
         assert torch.allclose(ddp[k], v, atol=1e-5), k
+
+
+def test_clip_with_gathered_negatives_equals_one_process_and_without_differs(tmp_path):
+    from vlat.models import build_model
+    from vlat.train import TrainConfig, train
+    from vlat.world import Collator, WorldDataset, load_tokenizer
+
+    for gather in (True, False):
+        assert in_processes(train_clip, 2, tmp_path, gather) == [0, 0]
+    torch.manual_seed(0)
+    model = build_model("clip", "nano")
+    train(model, "itc", WorldDataset("itc", "train", 16, seed=0), TrainConfig(batch_size=8, max_steps=2,
+          device="cpu", progress=False), collate_fn=Collator(load_tokenizer(), "itc"))
+    one = model.state_dict()
+    gathered, blocks = torch.load(tmp_path / "clip_True.pt"), torch.load(tmp_path / "clip_False.pt")
+    # a key projection's bias shifts every logit of a query alike, which softmax ignores: its true gradient
+    # is 0, so its gradient is float noise, and Adam turns noise of either sign into lr-sized steps
+    noise_only = [k for k in one if k.endswith("k_proj.bias")]
+    for k, v in one.items():
+        assert k in noise_only or torch.allclose(gathered[k], v, atol=1e-5), k
+    assert any(not torch.allclose(blocks[k], v, atol=1e-5) for k, v in one.items() if k not in noise_only)
 
 
 def test_albef_queues_over_two_processes_equal_one_process(tmp_path):

@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--warmup", type=float, default=0.1, help="fraction of steps for linear warm-up")
     t.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0 disables clipping)")
     t.add_argument("--noise-rate", type=float, default=0.0, help="fraction of training captions replaced by noise")
+    t.add_argument("--gather-negatives", action="store_true",
+                   help="under torchrun, contrastive (itc) training contrasts each pair with every process's "
+                        "pairs, not only its own block (clip)")
     t.add_argument("--hard-negatives", action="store_true",
                    help="itc only: add a minimally wrong caption of each image to the contrastive softmax (NegCLIP)")
     t.add_argument("--amp", default="auto", choices=["auto", "off", "bf16", "fp16"],
@@ -212,6 +215,10 @@ def cmd_train(a) -> int:
     else:
         model = build_model(a.model, a.preset, **json.loads(a.model_overrides))
     model.check_task(task)
+    if a.gather_negatives:
+        if not hasattr(model.config, "gather_negatives") or task != "itc":
+            raise ValueError(f"--gather-negatives is for contrastive training of clip (task itc); got {a.model}, task {task}")
+        model.config.gather_negatives = True
     if a.hard_negatives and not (model.hard_negatives and task == "itc"):
         raise ValueError(f"--hard-negatives is for contrastive training of a model that uses them (clip, task itc); "
                          f"got {a.model}, task {task}")

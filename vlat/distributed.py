@@ -172,6 +172,30 @@ def gather_rows(t: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts).to(t.device)
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """All ranks' rows in rank order; the backward sums every rank's gradient of its rows (the gradient of
+    the sum of all ranks' losses), as open_clip's ``gather_with_grad``."""
+
+    @staticmethod
+    def forward(ctx, t):
+        parts = [torch.empty_like(t) for _ in range(world_size())]
+        _collective(lambda: dist.all_gather(parts, t.contiguous()), "the feature all-gather")
+        ctx.rows = t.shape[0]
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        _collective(lambda: dist.all_reduce(grad), "the feature gradient all-reduce")
+        r, b = rank(), ctx.rows
+        return grad[r * b:(r + 1) * b]
+
+
+def gather_with_grad(t: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``t`` concatenated in rank order, differentiable (contrastive negatives from every rank)."""
+    return _GatherWithGrad.apply(t) if is_distributed() else t
+
+
 @torch.no_grad()
 def broadcast_state(model: torch.nn.Module) -> None:
     """Rank 0's parameters and buffers on every rank (they start equal anyway when seeded alike)."""
@@ -181,5 +205,6 @@ def broadcast_state(model: torch.nn.Module) -> None:
         _collective(lambda: dist.broadcast(t.data, 0), "the start-up broadcast")
 
 
-__all__ = ["all_finite", "all_reduce_gradients", "broadcast_state", "gather_rows", "init_from_env", "is_distributed",
+__all__ = ["all_finite", "all_reduce_gradients", "broadcast_state", "gather_rows", "gather_with_grad", "init_from_env",
+           "is_distributed",
            "is_main", "local_device", "rank", "rows_of_global_draw", "shard_batch", "sharding", "world_size"]

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlat import distributed
 from vlat.models.base import PerturbationSite, TaskOutput, VLModel, attention_rollout, caption_ids, full_mask
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -55,6 +56,7 @@ class ClipConfig:
     image_std: tuple = (0.25, 0.25, 0.25)
     tokenizer: str | None = None     # None: the toy world's tokenizer; else a path / hub id
     pretrained: str | None = None    # the checkpoint it was loaded from, if any
+    gather_negatives: bool = False   # under torchrun, itc contrasts with every process's pairs, not its own block
 
     def to_hf(self):
         from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
@@ -221,6 +223,17 @@ class ClipDualEncoder(VLModel):
             loss = objective(img, txt, caption_ids(batch["input_ids"]))
         return TaskOutput(loss=loss, logits=logits, labels=labels)
 
+    @staticmethod
+    def _gathered_itc(img, txt, negatives, scale) -> torch.Tensor:
+        """Symmetric InfoNCE of this process's pairs against every process's (``gather_negatives``): the
+        per-example losses of one process on the global batch. The logits this returns elsewhere (and the
+        KL terms of SMART, TRADES, VILLA) stay within the process's own block."""
+        all_img, all_txt = distributed.gather_with_grad(img), distributed.gather_with_grad(txt)
+        columns = torch.cat([all_txt, distributed.gather_with_grad(negatives)]) if len(negatives) else all_txt
+        labels = torch.arange(len(img), device=img.device) + distributed.rank() * len(img)
+        return 0.5 * (F.cross_entropy(scale * img @ columns.t(), labels, reduction="none") +
+                      F.cross_entropy(scale * txt @ all_img.t(), labels, reduction="none"))
+
     def forward(self, batch: dict, task: str, output_attentions: bool = False, objective=None) -> TaskOutput:
         """``objective``: a contrastive training objective to use instead of the task's loss (the
         training loop passes :attr:`vlat.train.TrainConfig.objective`)."""
@@ -243,9 +256,12 @@ class ClipDualEncoder(VLModel):
             losses = F.cross_entropy(logits, labels, reduction="none")
         else:  # symmetric InfoNCE; the i-th caption belongs to the i-th image; example i's share: its row and column
             labels = torch.arange(logits.shape[0], device=logits.device)
-            i2t = scale * img @ txt_all.t()                                   # [B, B (+ B hard negatives)]
-            losses = 0.5 * (F.cross_entropy(i2t, labels, reduction="none") +
-                            F.cross_entropy(logits.t(), labels, reduction="none"))
+            if self.training and self.config.gather_negatives and distributed.is_distributed():
+                losses = self._gathered_itc(img, txt, txt_all[n_txt:], scale)
+            else:
+                i2t = scale * img @ txt_all.t()                               # [B, B (+ B hard negatives)]
+                losses = 0.5 * (F.cross_entropy(i2t, labels, reduction="none") +
+                                F.cross_entropy(logits.t(), labels, reduction="none"))
         loss = losses.mean()
         attn = {"image": img_attn, "text": txt_attn} if output_attentions else None
         return TaskOutput(loss=loss, logits=logits, labels=labels, attentions=attn, losses=losses)
