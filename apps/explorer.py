@@ -18,9 +18,12 @@ requests running together would see each other's δ.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import sys
 import threading
+from collections import OrderedDict
 from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -39,6 +42,9 @@ MODELS = {
     "ALBEF tiny (image-text matching, cross-attention)": checkpoint("albef_tiny_pretrain"),
 }
 HUB_CHOICE = "a CLIP checkpoint (Hugging Face id or folder) ..."
+MAX_UPLOAD_BYTES = 20 * 2**20    # larger uploads are refused (and deleted): the model sees 64 x 64 pixels
+CACHE_SIZE = 4                   # models kept loaded at once (the least recently used one goes first)
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 PANELS = ("perturbation", "tokens", "attention", "confidence", "attribution")
 GALLERY_SIZE = 24
 
@@ -62,12 +68,51 @@ def gallery_pairs(root: Path | None = None, n: int = GALLERY_SIZE) -> list[tuple
     return pairs
 
 
-class ModelCache:
-    """Loads each model once (thread-safe), with its tokenizer."""
+def host_warning(host: str) -> str | None:
+    """What to tell a person who binds the explorer beyond this machine (``None`` on a loopback address)."""
+    if host in LOOPBACK:
+        return None
+    return (f"warning: the explorer listens on {host}: anyone on your network who can reach this machine can use "
+            "it (and run the models it offers). Use --host 127.0.0.1 to keep it to yourself.")
 
-    def __init__(self):
+
+def upload_status(path: str) -> tuple[str | None, str | None, str]:
+    """An uploaded file -> (image path for the preview, image path, status message). A file over
+    ``MAX_UPLOAD_BYTES``, a non-image or an unreadable one is refused with the reason and deleted."""
+    try:
+        size = os.path.getsize(path)
+    except OSError:
+        return None, None, "⚠️ the upload did not arrive; try again"
+    message = None
+    if size > MAX_UPLOAD_BYTES:
+        message = (f"⚠️ the file is {size / 2**20:.1f} MB; the largest accepted upload is "
+                   f"{MAX_UPLOAD_BYTES / 2**20:.0f} MB (the model sees 64 x 64 pixels)")
+    else:
+        try:
+            load_image(path, 64)
+        except ValueError as e:
+            message = f"⚠️ {e}"
+        except Exception as e:  # anything PIL raises on a strange file
+            message = f"⚠️ this file could not be read as an image ({type(e).__name__})"
+    if message is not None:
+        with contextlib.suppress(OSError):
+            os.remove(path)
+        return None, None, message
+    return path, path, "Image loaded. Type a caption and press **Perturb**."
+
+
+class ModelCache:
+    """Loads each model once (thread-safe), with its tokenizer, keeping at most ``size`` (least recently
+    used out first). Models: the shipped ones, and a CLIP checkpoint (Hub id or folder) only if it was
+    named at start-up (``allow``, ``vlat explore --allow-model``)."""
+
+    def __init__(self, size: int = CACHE_SIZE, allow=()):
         self._lock = threading.Lock()
-        self._models: dict[str, tuple] = {}
+        self._models: OrderedDict[str, tuple] = OrderedDict()
+        self.size, self.allow = max(1, int(size)), {str(a).strip() for a in allow}
+
+    def __len__(self) -> int:
+        return len(self._models)
 
     def get(self, choice: str, hub_id: str = ""):
         from vlat.models import load_model, model_tokenizer
@@ -76,8 +121,13 @@ class ModelCache:
         key = hub_id.strip() if choice == HUB_CHOICE else choice
         if not key:
             raise ValueError("type a Hugging Face id (e.g. openai/clip-vit-base-patch32) or a local folder")
+        if choice == HUB_CHOICE and key not in self.allow:
+            raise ValueError(f"{key!r} was not offered when the explorer started; start it with "
+                             f"--allow-model {key} to use it")
         with self._lock:
-            if key not in self._models:
+            if key in self._models:
+                self._models.move_to_end(key)
+            else:
                 if choice == HUB_CHOICE:
                     try:
                         model = ClipDualEncoder.from_pretrained(key)
@@ -91,13 +141,16 @@ class ModelCache:
                 else:
                     raise ValueError(f"unknown model {choice!r}")
                 self._models[key] = (model.eval(), model_tokenizer(model))
+                while len(self._models) > self.size:
+                    self._models.popitem(last=False)
             return self._models[key]
 
 
-def build_app(pairs: list[tuple[str, str]] | None = None) -> gr.Blocks:
-    """The explorer as a ``gr.Blocks`` (not launched)."""
+def build_app(pairs: list[tuple[str, str]] | None = None, allow=()) -> gr.Blocks:
+    """The explorer as a ``gr.Blocks`` (not launched); ``allow``: CLIP checkpoints (Hub ids or folders)
+    it may load besides the shipped models."""
     pairs = gallery_pairs() if pairs is None else pairs
-    cache = ModelCache()
+    cache = ModelCache(allow=allow)
 
     def pick(index: int) -> tuple[str, str]:
         """Gallery pair ``index`` -> (image path, caption)."""
@@ -117,14 +170,7 @@ def build_app(pairs: list[tuple[str, str]] | None = None) -> gr.Blocks:
         and unreadable files are refused here, with the reason."""
         if file is None:
             return None, None, ""
-        path = file if isinstance(file, str) else getattr(file, "name", str(file))
-        try:
-            load_image(path, 64)
-        except ValueError as e:
-            return None, None, f"⚠️ {e}"
-        except Exception as e:  # anything PIL raises on a strange file
-            return None, None, f"⚠️ this file could not be read as an image ({type(e).__name__})"
-        return path, path, "Image loaded. Type a caption and press **Perturb**."
+        return upload_status(file if isinstance(file, str) else getattr(file, "name", str(file)))
 
     def run(image, caption, model_choice, hub_id, method, modality, eps, steps, step_size):
         """Perturb one pair; returns the status line, the five figures and the numbers as JSON."""
@@ -194,10 +240,14 @@ def build_app(pairs: list[tuple[str, str]] | None = None) -> gr.Blocks:
     return app
 
 
-def launch(host: str = "127.0.0.1", port: int = 7860, **kw) -> gr.Blocks:
-    """Start the explorer: local only, no share link, requests queued one at a time; returns the app
-    (with ``prevent_thread_lock=True`` the call returns at once and ``app.close()`` stops it)."""
-    app = build_app()
+def launch(host: str = "127.0.0.1", port: int = 7860, allow=(), **kw) -> gr.Blocks:
+    """Start the explorer: local only unless ``host`` says otherwise (then a warning is printed), no share
+    link, requests queued one at a time; returns the app (with ``prevent_thread_lock=True`` the call
+    returns at once and ``app.close()`` stops it)."""
+    warning = host_warning(host)
+    if warning:
+        print(warning, file=sys.stderr)
+    app = build_app(allow=allow)
     app.queue(default_concurrency_limit=1, max_size=64)
     app.launch(server_name=host, server_port=port, share=False, show_error=False, allowed_paths=[str(SAMPLES)], **kw)
     return app
@@ -207,8 +257,10 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description="the vlat explorer (Gradio)")
     ap.add_argument("--host", default="127.0.0.1", help="interface to bind (default: this machine only)")
     ap.add_argument("--port", type=int, default=7860)
+    ap.add_argument("--allow-model", action="append", default=[], metavar="ID_OR_FOLDER",
+                    help="a CLIP checkpoint (Hugging Face id or local folder) the page may load; repeatable")
     a = ap.parse_args(argv)
-    launch(a.host, a.port)
+    launch(a.host, a.port, allow=a.allow_model)
 
 
 if __name__ == "__main__":

@@ -121,7 +121,7 @@ def test_bad_uploads_get_a_message(client, tmp_path, case):
 @pytest.mark.parametrize("kw,msg", [({"caption": ""}, "caption is empty"),
                                     ({"method": "YOPO", "modality": "both"}, "one site at a time"),
                                     ({"model": "a CLIP checkpoint (Hugging Face id or folder) ...", "hub": "/nope"},
-                                     "could not load")])
+                                     "--allow-model")])
 def test_bad_controls_get_a_message(client, kw, msg):
     status, *plots, numbers = explore(client, gallery_pairs()[0][0], **kw)
     assert status.startswith("⚠️") and msg in status and "Traceback" not in status

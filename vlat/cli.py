@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 from pathlib import Path
 
@@ -55,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlat", description="Adversarial and robust training of vision-language "
                                      "models on the built-in toy world (or your own checkpoints).")
     parser.add_argument("--version", action="version", version=f"vlat {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a model on a toy-world task",
@@ -130,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("explore", help="start the Gradio explorer (vlat.apps.explorer) on this machine")
     x.add_argument("--host", default="127.0.0.1", help="interface to bind (default: this machine only)")
     x.add_argument("--port", type=int, default=7860, help="port")
+    x.add_argument("--allow-model", action="append", default=[], metavar="ID_OR_FOLDER",
+                   help="a CLIP checkpoint (Hugging Face id or local folder) the page may load besides the shipped "
+                        "models; repeatable (nothing else is loaded)")
     return parser
 
 
@@ -192,6 +198,7 @@ def cmd_train(a) -> int:
 
     from vlat import distributed
 
+    check_train_args(a)
     distributed.init_from_env()          # under torchrun: join the process group (a no-op otherwise)
     if a.init and a.pretrained:
         raise ValueError("--init continues a vlat checkpoint and --pretrained starts from a Hugging Face one: "
@@ -215,6 +222,10 @@ def cmd_train(a) -> int:
     else:
         model = build_model(a.model, a.preset, **json.loads(a.model_overrides))
     model.check_task(task)
+    unknown_sites = set(getattr(step, "sites", ())) - set(model.perturbation_sites())
+    if unknown_sites:
+        raise ValueError(f"--sites {','.join(sorted(unknown_sites))}: a {model.kind} model has the sites "
+                         f"{', '.join(model.perturbation_sites())}")
     if a.gather_negatives:
         if not hasattr(model.config, "gather_negatives") or task != "itc":
             raise ValueError(f"--gather-negatives is for contrastive training of clip (task itc); got {a.model}, task {task}")
@@ -225,6 +236,10 @@ def cmd_train(a) -> int:
     test = None
     if a.data is not None:
         data, test = train_test_pairs(a.data, model.config.image_size, seed=a.seed)
+        unknown = data.unknown_characters(model_tokenizer(model))
+        if unknown["captions"] and distributed.is_main():
+            print(f"note: {unknown['captions']} of {len(data)} training captions hold characters the tokenizer does "
+                  f"not know ({' '.join(unknown['characters'][:12])}); they become [UNK]", file=sys.stderr)
     else:
         data = WorldDataset(task, "train", a.train_size, a.seed, noise_rate=a.noise_rate,
                             image_size=model.config.image_size, hard_negatives=a.hard_negatives)
@@ -246,6 +261,8 @@ def cmd_train(a) -> int:
                   resume=a.resume)
     if not distributed.is_main():        # rank 0 writes the model and reports
         return 0
+    if not all(bool(p.isfinite().all()) for p in model.parameters()):
+        raise ValueError("training left non-finite weights; the model was not saved (lower --lr, or --eps)")
     out = Path(a.out)
     save_model(model, out / "model.safetensors", task=task, method=a.method, train_size=len(data),
                epochs=a.epochs, seed=a.seed, **({"data": str(a.data)} if a.data is not None else {}))
@@ -299,11 +316,15 @@ def cmd_eval(a) -> int:
     from vlat.models import load_model, model_tokenizer
     from vlat.train import resolve_device
 
+    check_eval_args(a)
     shifts, corruptions = parse_shifts(a.shifts)                   # bad names are refused before any work
     model = load_model(a.checkpoint).to(resolve_device(a.device))
     task = a.task or model.primary_task
     if task not in model.tasks and task != "itc":  # retrieval (itc) works for every model
         raise ValueError(f"a {model.kind} model cannot be scored on {task!r}; it supports {', '.join(model.tasks)}")
+    if a.attack and task == "itc":
+        raise ValueError("--attack scores accuracy; pick a classification task (itm, qa, tf, classify)")
+    attack = attack_from_args(a) if a.attack else None
     tok = model_tokenizer(model)
     table = ood_table(model, task, a.eval_size, a.seed, shifts=shifts, tokenizer=tok)
     if corruptions:
@@ -311,13 +332,10 @@ def cmd_eval(a) -> int:
 
         table.update(corruption_table(model, task, a.eval_size, a.seed, corruptions, tokenizer=tok))
     metric = "TR@1" if task == "itc" else "accuracy"
-    if a.attack:
-        if task == "itc":
-            raise ValueError("--attack scores accuracy; pick a classification task (itm, qa, tf, classify)")
+    if attack is not None:
         from vlat.evaluate import robust_accuracy
         from vlat.world import WorldDataset
 
-        attack = attack_from_args(a)
         data = WorldDataset(task, "test", a.eval_size, a.seed, image_size=model.config.image_size)
         table[f"robust_{a.attack}_{a.site}"] = robust_accuracy(model, data, task, attack, tok, seed=a.seed)
     print(markdown_table({f"{Path(a.checkpoint).name} {task} ({metric})": table}))
@@ -330,7 +348,7 @@ def cmd_explore(a) -> int:
     """The app is ``apps/explorer.py`` in the repository, installed with the package as ``vlat.apps``."""
     from vlat.apps.explorer import launch
 
-    launch(a.host, a.port)
+    launch(a.host, a.port, allow=a.allow_model)
     return 0
 
 
@@ -338,9 +356,115 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return {"train": cmd_train, "eval": cmd_eval, "explore": cmd_explore}[args.command](args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:                 # the user's input, files, devices: one line
+        if args.debug:
+            raise
         print(f"vlat {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:                             # a bug of ours: say so, keep the traceback for --debug
+        if args.debug:
+            raise
+        print(f"vlat {args.command}: internal error: {type(e).__name__}: {e} (run with --debug for the traceback, "
+              "and please report it)", file=sys.stderr)
+        return 1
+
+
+# ---- validation of the arguments, before any work ---------------------------------------------------------
+def _in_range(flag: str, value, low, high, integer: bool = False) -> None:
+    ok = value is not None and (isinstance(value, int) if integer else math.isfinite(float(value)))
+    if not ok or not low <= value <= high:
+        raise ValueError(f"{flag} must lie in [{low}, {high}], got {value}")
+
+
+def check_device(device: str) -> None:
+    """``auto``, ``cpu``, or a GPU this machine has (``cuda``, ``cuda:N``, ``mps``)."""
+    import torch
+
+    if device == "auto":
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {device!r} is not a device: use cpu, cuda, cuda:N or auto") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: this machine has no CUDA GPU (use cpu, or auto)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"--device {device}: no Apple GPU here (use cpu, or auto)")
+    elif dev.type != "cpu":
+        raise ValueError(f"--device {device}: vlat trains on cpu, cuda or mps")
+
+
+def check_writable(flag: str, path: str, folder: bool) -> None:
+    """``path`` can be written: not empty, not (under) an existing file, its nearest existing folder
+    writable; a file path is not an existing folder."""
+    if not str(path).strip():
+        raise ValueError(f"{flag} is empty: name the {'folder' if folder else 'file'} to write")
+    p = Path(path)
+    if folder and p.exists() and not p.is_dir():
+        raise ValueError(f"{flag} {p} is an existing file; name a folder (nothing was changed)")
+    if not folder and p.is_dir():
+        raise ValueError(f"{flag} {p} is a folder; name a file")
+    above = p if folder else p.parent
+    while not above.exists():
+        above = above.parent
+    if not above.is_dir():
+        raise ValueError(f"{flag} {p}: {above} is a file, not a folder")
+    if not os.access(above, os.W_OK):
+        raise ValueError(f"{flag} {p}: {above} is not writable")
+
+
+def check_train_args(a) -> None:
+    """Every number in range, the device present, the files there, the output writable: before any work."""
+    for flag, v, lo, hi in (("--batch-size", a.batch_size, 1, 65_536), ("--epochs", a.epochs, 1, 100_000),
+                            ("--train-size", a.train_size, 1, 10_000_000), ("--eval-size", a.eval_size, 1, 100_000),
+                            ("--save-every", a.save_every, 0, 10**9), ("--eval-every", a.eval_every, 0, 10**9),
+                            ("--seed", a.seed, 0, 2**31 - 1)):
+        _in_range(flag, v, lo, hi, integer=True)
+    if a.max_steps is not None:
+        _in_range("--max-steps", a.max_steps, 1, 10**9, integer=True)
+    _in_range("--lr", a.lr, 0.0, 1.0)
+    if a.lr <= 0:
+        raise ValueError(f"--lr must be above 0, got {a.lr}")
+    for flag, v, hi in (("--weight-decay", a.weight_decay, 1.0), ("--warmup", a.warmup, 1.0),
+                        ("--grad-clip", a.grad_clip, 1e6), ("--noise-rate", a.noise_rate, 1.0)):
+        _in_range(flag, v, 0.0, hi)
+    for flag, v in (("--eps", a.eps), ("--step-size", a.step_size)):
+        if v is not None:
+            _in_range(flag, v, 0.0, math.inf)
+    check_device(a.device)
+    check_writable("--out", a.out, folder=True)
+    try:
+        overrides = json.loads(a.model_overrides)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--model-overrides is not JSON ({e.msg}); write e.g. '{{\"patch_size\": 8}}'") from None
+    if not isinstance(overrides, dict):
+        raise ValueError("--model-overrides must be a JSON object of config fields, e.g. '{\"patch_size\": 8}'")
+    for flag, path in (("--init", a.init), ("--resume", a.resume)):
+        if path is not None and not Path(path).is_file():
+            raise FileNotFoundError(f"{flag} {path}: checkpoint not found")
+    if a.data is not None:
+        if not Path(a.data).is_dir():
+            raise FileNotFoundError(f"--data {a.data}: no such folder (a folder with images and a captions.jsonl)")
+        if not (Path(a.data) / "captions.jsonl").is_file():
+            raise FileNotFoundError(f"--data {a.data}: no captions.jsonl in it (see vlat.world.folder for the format)")
+
+
+def check_eval_args(a) -> None:
+    _in_range("--eval-size", a.eval_size, 1, 100_000, integer=True)
+    _in_range("--seed", a.seed, 0, 2**31 - 1, integer=True)
+    _in_range("--steps", a.steps, 1, 10_000, integer=True)
+    for flag, v in (("--eps", a.eps), ("--step-size", a.step_size)):
+        if v is not None:
+            _in_range(flag, v, 0.0, math.inf)
+    check_device(a.device)
+    if a.json is not None:
+        check_writable("--json", a.json, folder=False)
+    if not Path(a.checkpoint).is_file():
+        raise FileNotFoundError(f"--checkpoint {a.checkpoint}: checkpoint not found")
 
 
 if __name__ == "__main__":

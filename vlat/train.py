@@ -60,6 +60,25 @@ class TrainConfig:
     drop_last: bool = False         # skip an epoch's last short batch (ALBEF's queue needs equal batches)
     objective: str = "task"         # the training loss: "task" (the model's own) or "mpm_nce" (contrastive models)
     objective_options: dict = field(default_factory=dict)   # its settings, e.g. {"temp": 0.01, "margin": 0.05}
+    max_skipped_in_a_row: int = 25  # that many non-finite steps in a row stop training with an error
+
+    def __post_init__(self):
+        for name, low in (("epochs", 1), ("batch_size", 1), ("max_skipped_in_a_row", 1)):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < low:
+                raise ValueError(f"TrainConfig.{name} must be an integer >= {low}, got {v!r}")
+        if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
+            raise ValueError(f"TrainConfig.max_steps must be None or an integer >= 1, got {self.max_steps!r}")
+        for name in ("lr", "weight_decay", "warmup_frac", "grad_clip"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"TrainConfig.{name} must be a finite number >= 0, got {v!r}")
+        if self.lr == 0:
+            raise ValueError("TrainConfig.lr must be above 0")
+
+
+class TrainingDiverged(ValueError):
+    """Every step of a long run gave a non-finite loss or gradient: training stopped, nothing was saved."""
 
 
 @dataclass
@@ -272,8 +291,14 @@ def train(model: VLModel, task: str, train_data, config: TrainConfig | None = No
 
     main = distributed.is_main()
 
+    saved_at = {"step": None}
+
     def checkpoint():
         if out_dir is not None and main:
+            if not all(bool(p.isfinite().all()) for p in model.parameters()):
+                raise TrainingDiverged(f"training left non-finite weights at step {state.step}; the last good "
+                                       "checkpoint was kept (lower the learning rate or the radius)")
+            saved_at["step"] = state.step
             save_train_checkpoint(out_dir / "last.safetensors", model, optimizer, scheduler, ctx.scaler, state,
                                   config, task)
             (out_dir / "history.json").write_text(json.dumps(asdict(state), indent=1))
@@ -294,6 +319,7 @@ def train(model: VLModel, task: str, train_data, config: TrainConfig | None = No
                unit="step")
     t0 = time.perf_counter() - state.seconds
     model.train()
+    in_a_row = 0
     while state.epoch < config.epochs and state.step < total:
         if hasattr(train_data, "set_epoch"):
             train_data.set_epoch(state.epoch)
@@ -307,8 +333,16 @@ def train(model: VLModel, task: str, train_data, config: TrainConfig | None = No
             batch = collate_fn(items) if collate_fn else items
             if world > 1:                               # this rank's rows of the global batch
                 batch = distributed.shard_batch(batch, len(items))
+            skipped = state.skipped
             with distributed.sharding():
                 loss = step_fn(ctx, to_device(batch, device))
+            in_a_row = in_a_row + 1 if state.skipped > skipped else 0
+            if in_a_row >= config.max_skipped_in_a_row:
+                bar.close()
+                raise TrainingDiverged(
+                    f"training diverged: the last {in_a_row} steps all gave non-finite losses or gradients and were "
+                    f"skipped (step {state.step + 1}); nothing was saved for them. Lower the learning rate or the "
+                    "radius (--lr, --eps)")
             scheduler.step()
             state.step += 1
             state.batch_in_epoch += 1
@@ -333,5 +367,7 @@ def train(model: VLModel, task: str, train_data, config: TrainConfig | None = No
         break
     bar.close()
     state.seconds = time.perf_counter() - t0
+    if saved_at["step"] != state.step:   # stopped by max_steps mid-epoch: the same final files as a full run
+        checkpoint()
     model.eval()
     return state

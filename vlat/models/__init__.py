@@ -7,6 +7,8 @@
 from __future__ import annotations
 
 import json
+import math
+import re
 from dataclasses import asdict
 from pathlib import Path
 
@@ -25,6 +27,53 @@ MODELS = {
 }
 
 
+MAX_LAYERS = 64                 # per stack: deeper configs are refused before anything is built
+MAX_INT = 10_000_000            # any other integer setting (widths, vocabulary, image size, queue)
+MAX_GB = 8.0                    # parameters and buffers of a model, fp32
+
+
+def check_config(name: str, cfg: dict) -> dict:
+    """A model family's config fields, checked before anything is allocated: known fields, each of its
+    default's type, integers in [0, MAX_INT] (depths up to MAX_LAYERS), floats finite; then the model is
+    built on the meta device (no memory) and refused if it would exceed MAX_GB. Returns the fields."""
+    if not isinstance(cfg, dict):
+        raise ValueError(f"a {name} config must be an object of fields, got {type(cfg).__name__}")
+    cls, cfg_cls, presets = MODELS[name]
+    defaults = asdict(next(iter(presets.values())))
+    unknown = set(cfg) - set(cfg_cls.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"unknown config field(s) {sorted(unknown)} for {name}")
+    for k, v in cfg.items():
+        d = defaults[k]
+        if isinstance(d, bool):
+            ok = isinstance(v, bool)
+        elif isinstance(d, int):
+            ok = isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= (MAX_LAYERS if "layers" in k else MAX_INT)
+        elif isinstance(d, float):
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        elif isinstance(d, (tuple, list)):
+            ok = isinstance(v, (tuple, list)) and len(v) == len(d) and all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)
+        else:                                   # strings and None (tokenizer, checkpoint names)
+            ok = v is None or isinstance(v, str)
+        if not ok:
+            bound = f" in [0, {MAX_LAYERS if 'layers' in k else MAX_INT}]" if isinstance(d, int) and not isinstance(d, bool) else ""
+            raise ValueError(f"config field {k} = {v!r} is not a valid {type(d).__name__}{bound}")
+    cfg = {**cfg, **{k: tuple(v) for k, v in cfg.items() if isinstance(defaults[k], tuple)}}
+    import torch
+
+    try:
+        with torch.device("meta"):
+            probe = cls(cfg_cls(**cfg))
+    except (ValueError, TypeError, RuntimeError, ZeroDivisionError) as e:
+        raise ValueError(f"this {name} configuration cannot be built: {e}") from None
+    n = sum(t.numel() for t in probe.parameters()) + sum(t.numel() for t in probe.buffers())
+    if n * 4 / 1e9 > MAX_GB:
+        raise ValueError(f"this {name} configuration asks for {n * 4 / 1e9:.1f} GB of weights (at most {MAX_GB:.0f} GB); "
+                         "refused before allocating anything")
+    return cfg
+
+
 def build_model(name: str, preset: str = "tiny", **overrides) -> VLModel:
     """A freshly initialised model by family name and preset; ``overrides`` replace config fields."""
     if name not in MODELS:
@@ -32,21 +81,45 @@ def build_model(name: str, preset: str = "tiny", **overrides) -> VLModel:
     cls, cfg_cls, presets = MODELS[name]
     if preset not in presets:
         raise ValueError(f"unknown preset {preset!r} for {name}; choose one of {', '.join(presets)}")
-    unknown = set(overrides) - set(cfg_cls.__dataclass_fields__)
-    if unknown:
-        raise ValueError(f"unknown config field(s) {sorted(unknown)} for {name}")
-    return cls(cfg_cls(**{**asdict(presets[preset]), **overrides}))
+    cfg = check_config(name, {**asdict(presets[preset]), **overrides})
+    return cls(cfg_cls(**cfg))
+
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?")
+
+
+def check_tokenizer_source(name) -> None:
+    """A tokenizer named by a config (a checkpoint's header) must be a local folder or a Hugging Face id,
+    and a folder must not ask for code of its own (``auto_map``): loading a checkpoint never runs code."""
+    if not isinstance(name, str) or not name.strip() or len(name) > 200:
+        raise ValueError(f"tokenizer {str(name)[:60]!r}: not a folder or a Hugging Face id")
+    path = Path(name)
+    if path.is_dir():
+        for f in ("tokenizer_config.json", "config.json"):
+            try:
+                text = (path / f).read_text() if (path / f).is_file() else "{}"
+                asks = "auto_map" in json.loads(text)
+            except (ValueError, RecursionError, OSError):
+                raise ValueError(f"tokenizer folder {name}: {f} is not valid JSON") from None
+            if asks:
+                raise ValueError(f"tokenizer folder {name} asks to run its own code ({f} has auto_map); vlat loads "
+                                 "tokenizers without remote code")
+        return
+    if ".." in name or not HUB_ID.fullmatch(name):
+        raise ValueError(f"tokenizer {name[:60]!r} is neither a local folder nor a Hugging Face id (owner/name)")
 
 
 def model_tokenizer(model: VLModel):
-    """The tokenizer a model was built for (the toy world's unless it came from a checkpoint)."""
+    """The tokenizer a model was built for (the toy world's unless it came from a checkpoint), loaded
+    without remote code."""
     from vlat.world.tokenizer import load_tokenizer
 
     if model.config.tokenizer is None:
         return load_tokenizer()
+    check_tokenizer_source(model.config.tokenizer)
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(model.config.tokenizer)
+    return AutoTokenizer.from_pretrained(model.config.tokenizer, trust_remote_code=False)
 
 
 def checkpoint_metadata(model: VLModel, **info) -> dict[str, str]:
@@ -70,7 +143,13 @@ def read_metadata(path: str | Path) -> dict:
     meta = read_header(path)
     if "vlat" not in meta:
         raise ValueError(f"{path}: a safetensors file, but not a vlat model checkpoint (no 'vlat' metadata)")
-    return json.loads(meta["vlat"])
+    try:
+        info = json.loads(meta["vlat"])
+    except (ValueError, TypeError, RecursionError):
+        raise ValueError(f"{path}: its vlat metadata is not valid JSON") from None
+    if not isinstance(info, dict) or not isinstance(info.get("kind"), str) or "config" not in info:
+        raise ValueError(f"{path}: its vlat metadata has no model kind and config")
+    return info
 
 
 def load_model(path: str | Path, map_location: str = "cpu") -> VLModel:
@@ -78,16 +157,33 @@ def load_model(path: str | Path, map_location: str = "cpu") -> VLModel:
     error if the file is damaged."""
     from vlat.checkpoint import load_tensors
 
+    from vlat.checkpoint import tensor_shapes
+
     info = read_metadata(path)
     if info["kind"] not in MODELS:
         raise ValueError(f"{path}: unknown model kind {info['kind']!r}")
     cls, cfg_cls, _ = MODELS[info["kind"]]
     cfg = info["config"]
-    for k in ("image_mean", "image_std"):  # JSON turns tuples into lists
-        if k in cfg:
-            cfg[k] = tuple(cfg[k])
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: its model config is not an object of fields")
     for k in cls.retired_config:           # fields older vlat versions wrote (CLIP's training loss)
         cfg.pop(k, None)
+    try:
+        cfg = check_config(info["kind"], cfg)   # bounds and size, before anything is allocated
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    import torch
+
+    with torch.device("meta"):               # the shapes the weights must have, still without memory
+        want = {k: tuple(v.shape) for k, v in cls(cfg_cls(**cfg)).state_dict().items()}
+    have = tensor_shapes(path)
+    if any(k.startswith("model.") for k in have):   # a resumable training checkpoint: its weights
+        have = {k[6:]: v for k, v in have.items() if k.startswith("model.")}
+    wrong = [k for k in have if k not in want or want[k] != have[k]]
+    if wrong:
+        k = wrong[0]
+        raise ValueError(f"{path}: weights do not fit a {info['kind']} model of this config ({k!r}: "
+                         f"{have[k]} in the file, {want.get(k, 'no such weight')} in the model)")
     model = cls(cfg_cls(**cfg))
     state = load_tensors(path, map_location)
     if any(k.startswith("model.") for k in state):  # a resumable training checkpoint: take the weights

@@ -201,6 +201,8 @@ class Collator:
             self._prompts = encode_text(self.tokenizer, class_prompts(self.paraphrase_prompts), self.max_length)
 
     def __call__(self, items: list[dict]) -> dict:
+        if not items:
+            raise ValueError("an empty batch: give the collator at least one item")
         batch = {
             "pixel_values": torch.stack([it["pixel_values"] for it in items]),
             "labels": torch.tensor([it["label"] for it in items], dtype=torch.long),

@@ -10,10 +10,13 @@ Format (the one ``data_samples/pairs/`` ships in, and the one your own data can 
      "split": "test", "shift": null, "objects": [{"shape": "circle", "colour": "red", ...}]}
 
 Only ``image`` and ``captions`` (a non-empty list of non-empty strings) are required; ``split``,
-``shift`` and ``objects`` are metadata that toy-world exports carry. Grayscale and RGBA images are
-converted to RGB (RGBA composited on white) and other sizes are resized to ``image_size`` with a
-bicubic filter, so a photo of your own works; an unreadable file or a malformed line raises an error
-naming the file and line.
+``shift`` and ``objects`` are metadata that toy-world exports carry. Images of every common kind are
+converted to RGB: greyscale, palette, CMYK, alpha (composited on white), 16-bit and 32-bit integer
+(scaled from their own range) and float (read as [0, 1], or [0, 255] when larger); other sizes are
+resized to ``image_size`` with a bicubic filter, so a photo of your own works. An image path must stay
+inside the folder (no ``..``, no absolute paths) and name a regular file (a FIFO or a device is
+refused, never opened); an unreadable file or a malformed line raises an error naming the file and
+line.
 """
 
 from __future__ import annotations
@@ -32,6 +35,11 @@ def load_image(path: str | Path, image_size: int = 64) -> torch.Tensor:
     """Read an image file as a float tensor ``[3, image_size, image_size]`` in [0, 1]."""
     from PIL import Image, UnidentifiedImageError
 
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: image not found")
+    if not path.is_file():                      # a folder, a FIFO, a device: never opened (a FIFO would hang)
+        raise ValueError(f"{path}: not a regular file, so not an image")
     try:
         with Image.open(path) as im:
             im.load()
@@ -44,7 +52,18 @@ def image_to_tensor(im, image_size: int = 64) -> torch.Tensor:
     """PIL image (any mode) -> ``[3, S, S]`` float in [0, 1]: RGBA over white, L/P/CMYK to RGB, resized."""
     from PIL import Image
 
-    if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
+    if im.mode.startswith("I") or im.mode == "F":   # 16/32-bit integer or float greyscale: scale, then 8 bits
+        arr = np.asarray(im, dtype=np.float64)
+        top = float(np.nanmax(arr)) if arr.size else 0.0
+        if im.mode == "F":
+            scale = 1.0 if top <= 1.0 else 255.0
+        elif im.mode.startswith("I;16"):
+            scale = 65535.0
+        else:                                       # 32-bit integer: 8-bit or 16-bit values in practice
+            scale = 255.0 if top <= 255 else 65535.0
+        arr = np.nan_to_num(arr / scale, nan=0.0, posinf=1.0, neginf=0.0).clip(0.0, 1.0)
+        im = Image.fromarray((arr * 255.0 + 0.5).astype(np.uint8), "L")
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
         im = im.convert("RGBA")
         white = Image.new("RGBA", im.size, (255, 255, 255, 255))
         im = Image.alpha_composite(white, im)
@@ -72,10 +91,15 @@ class FolderDataset(Dataset):
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{index}:{n}: not valid JSON ({e.msg})") from None
-            caps = rec.get("captions")
-            if "image" not in rec or not isinstance(caps, list) or not caps or \
-                    not all(isinstance(c, str) and c.strip() for c in caps):
-                raise ValueError(f"{index}:{n}: each line needs \"image\" and a non-empty list of non-empty \"captions\"")
+            caps = rec.get("captions") if isinstance(rec, dict) else None
+            if not isinstance(rec, dict) or not isinstance(rec.get("image"), str) or not isinstance(caps, list) or \
+                    not caps or not all(isinstance(c, str) and c.strip() for c in caps):
+                raise ValueError(f"{index}:{n}: each line needs \"image\" (a path) and a non-empty list of "
+                                 "non-empty \"captions\"")
+            inside = (self.root / rec["image"]).resolve()
+            if not inside.is_relative_to(self.root.resolve()):
+                raise ValueError(f"{index}:{n}: image {rec['image']!r} is outside the dataset folder; paths must "
+                                 "be relative to it, without '..'")
             if split is None or rec.get("split") == split:
                 self.records.append(rec)
         if not self.records:
@@ -86,6 +110,17 @@ class FolderDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.records)
+
+    def unknown_characters(self, tokenizer) -> dict:
+        """Characters of the captions that ``tokenizer`` turns into its unknown token:
+        ``{"captions": how many captions hold one, "characters": sorted list}``."""
+        unk = getattr(tokenizer, "unk_token", None)
+        if unk is None:
+            return {"captions": 0, "characters": []}
+        chars = {ch for caps in self.captions for c in caps for ch in c if not ch.isspace()}
+        bad = {ch for ch in chars if unk in tokenizer.tokenize(ch)}
+        n = sum(any(ch in bad for c in caps for ch in c) for caps in self.captions)
+        return {"captions": n, "characters": sorted(bad)}
 
     def subset(self, indices) -> "FolderDataset":
         """A copy holding only the pairs at ``indices`` (images are shared, not re-read)."""
