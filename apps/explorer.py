@@ -194,7 +194,8 @@ def build_app(pairs: list[tuple[str, str]] | None = None, allow=()) -> gr.Blocks
         return [status, *[figs[p] for p in PANELS], numbers]
 
     first_image, first_caption = pairs[0] if pairs else (None, "")   # the page opens on the first pair
-    with gr.Blocks(title="vlat explorer", analytics_enabled=False) as app:
+    # uploads (and Gradio's other cached files) older than an hour are deleted, checked every hour
+    with gr.Blocks(title="vlat explorer", analytics_enabled=False, delete_cache=(3600, 3600)) as app:
         gr.Markdown(INTRO)
         with gr.Row():
             with gr.Column(scale=2):

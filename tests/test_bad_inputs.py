@@ -462,3 +462,18 @@ def test_binding_beyond_this_machine_is_said_out_loud(host, warned):
     assert bool(host_warning(host)) == warned
     if warned:
         assert "network" in host_warning(host)
+
+
+def test_a_clip_folder_with_missing_weights_is_refused_not_filled_at_random(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from vlat.models import ClipDualEncoder
+
+    folder = tmp_path / "clip"
+    build_model("clip", "nano").save_pretrained(folder, tokenizer=load_tokenizer())
+    (weights,) = folder.glob("*.safetensors")
+    state = load_file(weights)
+    state.pop(next(k for k in state if "q_proj.weight" in k))
+    save_file(state, weights, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="missing"):
+        ClipDualEncoder.from_pretrained(folder)

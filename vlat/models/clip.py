@@ -121,7 +121,11 @@ class ClipDualEncoder(VLModel):
         """
         from transformers import CLIPModel
 
-        clip = CLIPModel.from_pretrained(str(name_or_path), attn_implementation="eager")
+        clip, info = CLIPModel.from_pretrained(str(name_or_path), attn_implementation="eager", output_loading_info=True)
+        missing = sorted(info.get("missing_keys") or ())
+        if missing:                            # never fall back to random weights in silence
+            raise ValueError(f"{name_or_path}: not a complete CLIP checkpoint ({len(missing)} weights missing, "
+                             f"e.g. {missing[0]})")
         extra = Path(name_or_path) / "vlat_clip.json"
         if extra.is_file():
             cfg = ClipConfig(**{**json.loads(extra.read_text()), "tokenizer": str(name_or_path),
