@@ -101,3 +101,49 @@ def test_a_folder_of_photos_of_another_size_loads(tmp_path):
     (tmp_path / "captions.jsonl").write_text(json.dumps({"image": "images/a.jpg", "captions": ["a red photo"]}))
     ds = FolderDataset(tmp_path, image_size=32)
     assert ds.images.shape == (1, 3, 32, 32) and abs(float(ds.images[0, 0].mean()) - 1.0) < 0.02
+
+
+@pytest.fixture(scope="module")
+def hf_pairs(tmp_path_factory, pairs):
+    """The same pairs as a Hugging Face dataset saved with save_to_disk: one plain, one with train/test splits."""
+    datasets = pytest.importorskip("datasets", reason="dev extra vlat[data] not installed")
+    from PIL import Image
+
+    recs = [json.loads(x) for x in (pairs / "captions.jsonl").read_text().splitlines()]
+    table = {"img": [Image.open(pairs / r["image"]).convert("RGB") for r in recs],
+             "sentences": [r["captions"] for r in recs]}
+    features = datasets.Features({"img": datasets.Image(), "sentences": datasets.Sequence(datasets.Value("string"))})
+    plain = datasets.Dataset.from_dict(table, features=features)
+    root = tmp_path_factory.mktemp("hf")
+    plain.save_to_disk(root / "plain")
+    datasets.DatasetDict({"train": plain.select(range(30)), "test": plain.select(range(30, 40))}).save_to_disk(
+        root / "split")
+    return root
+
+
+def test_a_datasets_source_finds_its_columns_and_splits(hf_pairs):
+    from vlat.world.hub import hub_pairs
+
+    train, test = hub_pairs(str(hf_pairs / "plain"), seed=1)
+    assert (len(train), len(test)) == (36, 4) and train.images.shape[1:] == (3, 64, 64)
+    train, test = hub_pairs(str(hf_pairs / "split"))
+    assert (len(train), len(test)) == (30, 10)
+    train, _ = hub_pairs(f"{hf_pairs / 'split'}:test")
+    assert len(train) == 10
+    small, small_test = hub_pairs(str(hf_pairs / "plain"), limit=12)      # at most `limit` pairs are read
+    assert len(small) + len(small_test or []) == 12
+    with pytest.raises(ValueError, match="--caption-column"):
+        hub_pairs(str(hf_pairs / "plain"), caption_column="nope")
+
+
+@pytest.mark.parametrize("method", ["clean", *registry.names()])
+def test_train_a_pretrained_clip_on_a_datasets_source_with_every_method(method, hf_pairs, pretrained_clip, tmp_path,
+                                                                       capsys):
+    out = tmp_path / "run"
+    rc = vlat(["train", "--model", "clip", "--pretrained", str(pretrained_clip), "--data", f"hf:{hf_pairs / 'split'}",
+               "--task", "itc", "--method", method, "--epochs", "1", "--batch-size", "10", "--device", "cpu",
+               "--out", str(out), "--no-progress"])
+    printed = capsys.readouterr()
+    assert rc == 0, printed.err
+    assert "10 held-out pairs" in printed.out
+    assert load_model(out / "model.safetensors").config.pretrained == str(pretrained_clip)

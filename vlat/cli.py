@@ -74,9 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "A Hugging Face id (online) or a local folder")
     t.add_argument("--data", default=None, metavar="PATH",
                    help="train on your own image-caption pairs instead of the toy world: a folder with a "
-                        "captions.jsonl (the format of vlat.world.folder). Records marked \"split\": \"train\" / "
-                        "\"test\" are used so; otherwise 10 %% of the pairs are held out for the final retrieval "
-                        "score. Tasks: itc (clip, albef) and pretrain (albef)")
+                        "captions.jsonl (the format of vlat.world.folder), or hf:NAME[:SPLIT] for a Hugging Face "
+                        "dataset (a Hub id, or a folder written by save_to_disk; needs pip install 'vlat[data]'; "
+                        "at most --train-size pairs are read). Marked train/test splits are used so; otherwise 10 %% "
+                        "of the pairs are held out for the final retrieval score. Tasks: itc (clip, albef) and "
+                        "pretrain (albef)")
+    t.add_argument("--image-column", default=None, help="with --data hf:...: the image column (default: the Image one)")
+    t.add_argument("--caption-column", default=None,
+                   help="with --data hf:...: the caption column (default: caption, captions, text, sentences or sentence)")
     t.add_argument("--preset", default="tiny", help="size preset: tiny (about a minute on CPU), nano (seconds), "
                    "base (single_stream, GPU)")
     t.add_argument("--task", default=None, choices=TASKS,
@@ -234,8 +239,14 @@ def cmd_train(a) -> int:
         raise ValueError(f"--hard-negatives is for contrastive training of a model that uses them (clip, task itc); "
                          f"got {a.model}, task {task}")
     test = None
-    if a.data is not None:
+    if a.data is not None and a.data.startswith("hf:"):
+        from vlat.world.hub import hub_pairs
+
+        data, test = hub_pairs(a.data[3:], model.config.image_size, a.image_column, a.caption_column,
+                               limit=a.train_size, seed=a.seed)
+    elif a.data is not None:
         data, test = train_test_pairs(a.data, model.config.image_size, seed=a.seed)
+    if a.data is not None:
         unknown = data.unknown_characters(model_tokenizer(model))
         if unknown["captions"] and distributed.is_main():
             print(f"note: {unknown['captions']} of {len(data)} training captions hold characters the tokenizer does "
@@ -446,7 +457,10 @@ def check_train_args(a) -> None:
     for flag, path in (("--init", a.init), ("--resume", a.resume)):
         if path is not None and not Path(path).is_file():
             raise FileNotFoundError(f"{flag} {path}: checkpoint not found")
-    if a.data is not None:
+    if a.data is not None and a.data.startswith("hf:"):
+        if not a.data[3:].strip():
+            raise ValueError("--data hf: names no dataset; write hf:NAME[:SPLIT] or hf:FOLDER")
+    elif a.data is not None:
         if not Path(a.data).is_dir():
             raise FileNotFoundError(f"--data {a.data}: no such folder (a folder with images and a captions.jsonl)")
         if not (Path(a.data) / "captions.jsonl").is_file():

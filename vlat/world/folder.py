@@ -111,6 +111,18 @@ class FolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    @classmethod
+    def from_pairs(cls, images: torch.Tensor, captions: list[list[str]], root: str | Path = "<memory>") -> "FolderDataset":
+        """Pairs already in memory (``images`` ``[N, 3, S, S]`` in [0, 1], each with its captions), e.g. from a
+        Hugging Face dataset (:func:`vlat.world.hub.hub_pairs`)."""
+        if len(images) != len(captions) or not len(captions):
+            raise ValueError(f"{root}: {len(images)} images for {len(captions)} caption lists")
+        out = object.__new__(cls)
+        out.root, out.images, out.captions = Path(str(root)), images, [list(c) for c in captions]
+        out.records = [{"image": f"#{i}", "captions": c} for i, c in enumerate(out.captions)]
+        out.scenes = [None] * len(captions)
+        return out
+
     def unknown_characters(self, tokenizer) -> dict:
         """Characters of the captions that ``tokenizer`` turns into its unknown token:
         ``{"captions": how many captions hold one, "characters": sorted list}``."""
