@@ -65,7 +65,7 @@ def test_train_a_pretrained_clip_on_a_folder_with_every_method(method, pairs, pr
                "--no-progress"])
     printed = capsys.readouterr()
     assert rc == 0, printed.err
-    assert "held-out pairs" in printed.out and "TR@1" in printed.out
+    assert "held-out examples" in printed.out and "TR@1" in printed.out
     model = load_model(out / "model.safetensors")
     assert model.config.pretrained == str(pretrained_clip)
     r = pair_retrieval(model, train_test_pairs(pairs)[1])
@@ -145,5 +145,48 @@ def test_train_a_pretrained_clip_on_a_datasets_source_with_every_method(method, 
                "--out", str(out), "--no-progress"])
     printed = capsys.readouterr()
     assert rc == 0, printed.err
-    assert "10 held-out pairs" in printed.out
+    assert "10 held-out examples" in printed.out
     assert load_model(out / "model.safetensors").config.pretrained == str(pretrained_clip)
+
+
+@pytest.fixture(scope="module")
+def class_folders(tmp_path_factory):
+    """Toy-world scenes of four classes saved as one folder of PNGs per class (12 each)."""
+    from PIL import Image
+
+    from vlat.world import CLASS_NAMES, WorldDataset
+
+    root = tmp_path_factory.mktemp("classes")
+    ds, counts = WorldDataset("classify", "train", 400, seed=0), {}
+    for i in range(len(ds)):
+        name = CLASS_NAMES[ds[i]["label"]].replace(" ", "_")
+        if len(counts) < 4 or name in counts:
+            if counts.get(name, 0) < 12:
+                counts[name] = counts.get(name, 0) + 1
+                (root / name).mkdir(exist_ok=True)
+                Image.fromarray(ds.images[i].permute(1, 2, 0).numpy()).save(root / name / f"{i}.png")
+    assert len(counts) == 4 and set(counts.values()) == {12}
+    return root
+
+
+def test_a_class_folder_reads_classes_prompts_and_holds_out_images(class_folders):
+    from vlat.world import ClassFolderDataset
+
+    ds = ClassFolderDataset(class_folders)
+    assert len(ds) == 48 and len(ds.class_names) == 4
+    assert ds.class_texts[0] == "a photo of a " + ds.class_names[0].replace("_", " ")
+    train, test = ds.split(seed=0)
+    assert (len(train), len(test)) == (44, 4)
+    assert [ds.labels[ds.files.index(f)] for f in test.files] == test.labels
+
+
+@pytest.mark.parametrize("method,objective", [("clean", "task"), ("clean", "mpm_nce"), ("pgd", "task"),
+                                              ("freelb", "task")])
+def test_train_clip_on_class_folders(method, objective, class_folders, tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = vlat(["train", "--model", "clip", "--preset", "nano", "--data", str(class_folders), "--task", "classify",
+               "--method", method, "--objective", objective, "--epochs", "1", "--batch-size", "11", "--device", "cpu",
+               "--out", str(out), "--no-progress"])
+    printed = capsys.readouterr()
+    assert rc == 0, printed.err
+    assert "4 held-out examples" in printed.out and "accuracy" in printed.out

@@ -3,8 +3,9 @@
 Nothing here unpickles: a checkpoint is tensors plus string metadata, so loading a file from a
 stranger cannot run code (and :func:`vlat.models.load_model` checks the model a header asks for against
 bounds and against the tensors' shapes before allocating anything; a tokenizer named in a header is
-loaded with ``trust_remote_code=False`` and refused if it asks for its own code). A write goes to ``<name>.tmp`` in the same folder and is renamed over the
-target only when complete, so a crash mid-write never leaves a half checkpoint under the real name.
+loaded with ``trust_remote_code=False`` and refused if it asks for its own code). A write goes to
+``<name>.tmp`` in the same folder and is renamed over the target only when complete, so a crash
+mid-write never leaves a half checkpoint under the real name.
 """
 
 from __future__ import annotations

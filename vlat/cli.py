@@ -74,14 +74,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "A Hugging Face id (online) or a local folder")
     t.add_argument("--data", default=None, metavar="PATH",
                    help="train on your own image-caption pairs instead of the toy world: a folder with a "
-                        "captions.jsonl (the format of vlat.world.folder), or hf:NAME[:SPLIT] for a Hugging Face "
-                        "dataset (a Hub id, or a folder written by save_to_disk; needs pip install 'vlat[data]'; "
+                        "captions.jsonl (the format of vlat.world.folder), a folder with one sub-folder of images "
+                        "per class (task classify, clip; prompts 'a photo of a CLASS'), or hf:NAME[:SPLIT] for a "
+                        "Hugging Face "                        "dataset (a Hub id, or a folder written by save_to_disk; needs pip install 'vlat[data]'; "
                         "at most --train-size pairs are read). Marked train/test splits are used so; otherwise 10 %% "
                         "of the pairs are held out for the final retrieval score. Tasks: itc (clip, albef) and "
                         "pretrain (albef)")
     t.add_argument("--image-column", default=None, help="with --data hf:...: the image column (default: the Image one)")
     t.add_argument("--caption-column", default=None,
-                   help="with --data hf:...: the caption column (default: caption, captions, text, sentences or sentence)")
+                   help="with --data hf:...: the caption column (default: caption, captions, text, sentences or "
+                        "sentence)")
     t.add_argument("--preset", default="tiny", help="size preset: tiny (about a minute on CPU), nano (seconds), "
                    "base (single_stream, GPU)")
     t.add_argument("--task", default=None, choices=TASKS,
@@ -196,10 +198,10 @@ def attack_from_args(a):
 def cmd_train(a) -> int:
     import torch
 
-    from vlat.evaluate import evaluate_task, markdown_table, ood_table, pair_retrieval
+    from vlat.evaluate import evaluate_task, markdown_table, ood_table
     from vlat.models import MODELS, build_model, load_model, model_tokenizer, read_metadata, save_model
     from vlat.train import TrainConfig, clean_step, train
-    from vlat.world import Collator, WorldDataset, train_test_pairs
+    from vlat.world import Collator, WorldDataset
 
     from vlat import distributed
 
@@ -213,8 +215,10 @@ def cmd_train(a) -> int:
     if a.model not in MODELS:
         raise ValueError(f"unknown model {a.model!r}; choose one of {', '.join(MODELS)}")
     task = a.task or MODELS[a.model][0].default_task
-    if a.data is not None and (task, a.model) not in DATA_TASKS:
-        raise ValueError(f"--data trains {', '.join(f'{m} {t}' for t, m in DATA_TASKS)} from image-caption pairs; "
+    if a.data is not None and (task, a.model) not in DATA_TASKS[data_kind(a.data)]:
+        kind = data_kind(a.data)
+        what = "image folders per class" if kind == "classes" else "image-caption pairs"
+        raise ValueError(f"--data {a.data}: {what} train {', '.join(f'{m} {t}' for t, m in DATA_TASKS[kind])}; "
                          f"{a.model} {task} needs the toy world's labels (leave out --data)")
     step = method_from_args(a)
     if step is not clean_step:  # equal cost to clean training (FreeAT: N/m epochs of m replays)
@@ -233,22 +237,17 @@ def cmd_train(a) -> int:
                          f"{', '.join(model.perturbation_sites())}")
     if a.gather_negatives:
         if not hasattr(model.config, "gather_negatives") or task != "itc":
-            raise ValueError(f"--gather-negatives is for contrastive training of clip (task itc); got {a.model}, task {task}")
+            raise ValueError(f"--gather-negatives is for contrastive training of clip (task itc); got {a.model}, "
+                             f"task {task}")
         model.config.gather_negatives = True
     if a.hard_negatives and not (model.hard_negatives and task == "itc"):
         raise ValueError(f"--hard-negatives is for contrastive training of a model that uses them (clip, task itc); "
                          f"got {a.model}, task {task}")
     test = None
-    if a.data is not None and a.data.startswith("hf:"):
-        from vlat.world.hub import hub_pairs
-
-        data, test = hub_pairs(a.data[3:], model.config.image_size, a.image_column, a.caption_column,
-                               limit=a.train_size, seed=a.seed)
-    elif a.data is not None:
-        data, test = train_test_pairs(a.data, model.config.image_size, seed=a.seed)
     if a.data is not None:
-        unknown = data.unknown_characters(model_tokenizer(model))
-        if unknown["captions"] and distributed.is_main():
+        data, test, score = load_your_data(a, model)
+        unknown = data.unknown_characters(model_tokenizer(model)) if hasattr(data, "unknown_characters") else {}
+        if unknown.get("captions") and distributed.is_main():
             print(f"note: {unknown['captions']} of {len(data)} training captions hold characters the tokenizer does "
                   f"not know ({' '.join(unknown['characters'][:12])}); they become [UNK]", file=sys.stderr)
     else:
@@ -265,11 +264,11 @@ def cmd_train(a) -> int:
 
     def eval_fn(m):
         if a.data is not None:
-            return {"test_TR@1": pair_retrieval(m, test, tok)["TR@1"]} if test is not None else {}
+            return {f"test_{k}": v for k, v in score(m, tok).items() if k in ("TR@1", "accuracy")} if test else {}
         return {f"val_{metric}": evaluate_task(m, eval_task, "val", min(a.eval_size, 300), a.seed, None, tok)[metric]}
 
-    state = train(model, task, data, cfg, step_fn=step, collate_fn=Collator(tok, task), eval_fn=eval_fn,
-                  resume=a.resume)
+    collate = Collator(tok, task, class_texts=getattr(data, "class_texts", None))
+    state = train(model, task, data, cfg, step_fn=step, collate_fn=collate, eval_fn=eval_fn, resume=a.resume)
     if not distributed.is_main():        # rank 0 writes the model and reports
         return 0
     if not all(bool(p.isfinite().all()) for p in model.parameters()):
@@ -280,16 +279,43 @@ def cmd_train(a) -> int:
     print(f"trained {state.step} steps in {state.seconds:.1f} s ({state.skipped} skipped); saved {out / 'model.safetensors'}")
     if a.data is not None:
         if test is None:
-            print(f"no held-out pairs in {a.data} (fewer than 20 pairs, or no \"test\" records): nothing to score")
+            print(f"nothing held out in {a.data} (fewer than 20 examples, or no \"test\" records): nothing to score")
         else:
-            print(markdown_table({f"{a.model} {task} on {len(test)} held-out pairs of {a.data}": pair_retrieval(model, test, tok)}))
+            print(markdown_table({f"{a.model} {task} on {len(test)} held-out examples of {a.data}": score(model, tok)}))
         return 0
     table = ood_table(model, eval_task, a.eval_size, a.seed, tokenizer=tok)
     print(markdown_table({f"{a.model} {task}->{eval_task} ({metric})": table}))
     return 0
 
 
-DATA_TASKS = (("itc", "clip"), ("itc", "albef"), ("pretrain", "albef"))   # what --data can train
+PAIR_TASKS = (("itc", "clip"), ("itc", "albef"), ("pretrain", "albef"))
+DATA_TASKS = {"pairs": PAIR_TASKS, "hub": PAIR_TASKS, "classes": (("classify", "clip"),)}   # what --data can train
+
+
+def data_kind(data: str) -> str:
+    """``hub`` (hf:...), ``pairs`` (a folder with captions.jsonl) or ``classes`` (a folder per class)."""
+    if data.startswith("hf:"):
+        return "hub"
+    return "pairs" if (Path(data) / "captions.jsonl").is_file() else "classes"
+
+
+def load_your_data(a, model):
+    """``(train, test, score)`` of ``--data``; ``score(model, tokenizer)`` gives the held-out metrics:
+    retrieval recall for pairs, accuracy over the class prompts for class folders."""
+    from vlat.evaluate import accuracy, pair_retrieval
+    from vlat.world import ClassFolderDataset, train_test_pairs
+
+    size, kind = model.config.image_size, data_kind(a.data)
+    if kind == "classes":
+        data, test = ClassFolderDataset(a.data, size).split(seed=a.seed)
+        return data, test, lambda m, tok: {"accuracy": accuracy(m, test, "classify", tok)}
+    if kind == "hub":
+        from vlat.world.hub import hub_pairs
+
+        data, test = hub_pairs(a.data[3:], size, a.image_column, a.caption_column, limit=a.train_size, seed=a.seed)
+    else:
+        data, test = train_test_pairs(a.data, size, seed=a.seed)
+    return data, test, lambda m, tok: pair_retrieval(m, test, tok)
 
 
 def parse_shifts(text: str) -> tuple[tuple, list]:
@@ -463,8 +489,10 @@ def check_train_args(a) -> None:
     elif a.data is not None:
         if not Path(a.data).is_dir():
             raise FileNotFoundError(f"--data {a.data}: no such folder (a folder with images and a captions.jsonl)")
-        if not (Path(a.data) / "captions.jsonl").is_file():
-            raise FileNotFoundError(f"--data {a.data}: no captions.jsonl in it (see vlat.world.folder for the format)")
+        if not (Path(a.data) / "captions.jsonl").is_file() and \
+                not any(p.is_dir() for p in Path(a.data).iterdir()):
+            raise FileNotFoundError(f"--data {a.data}: neither a captions.jsonl (image-caption pairs) nor one "
+                                    "folder of images per class in it (see vlat.world.folder)")
 
 
 def check_eval_args(a) -> None:

@@ -29,7 +29,8 @@ def task_batches(model: VLModel, dataset, task: str, tokenizer=None, batch_size:
     """Collated batches of ``dataset`` for ``task``, on the model's device."""
     from vlat.models import model_tokenizer
 
-    collate = Collator(tokenizer or model_tokenizer(model), task, paraphrase_prompts=getattr(dataset, "paraphrase", False))
+    collate = Collator(tokenizer or model_tokenizer(model), task, paraphrase_prompts=getattr(dataset, "paraphrase", False),
+                       class_texts=getattr(dataset, "class_texts", None))
     for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=collate):
         yield to_device(batch, model.device)
 

@@ -73,7 +73,8 @@ def init_delta(shape: Sequence[int], mask: torch.Tensor, init: str = "zero", mag
         else:
             d = d * magnitude
     elif init == "normal":
-        d = rows_of_global_draw(shape, lambda s: torch.randn(s, generator=generator, device="cpu")).to(device) * magnitude
+        d = rows_of_global_draw(shape, lambda s: torch.randn(s, generator=generator, device="cpu")).to(device)
+        d = d * magnitude
     else:
         raise ValueError(f"unknown init {init!r}; choose one of {', '.join(INITS)}")
     return (d * mask).requires_grad_(True)

@@ -57,7 +57,8 @@ def check_config(name: str, cfg: dict) -> dict:
         else:                                   # strings and None (tokenizer, checkpoint names)
             ok = v is None or isinstance(v, str)
         if not ok:
-            bound = f" in [0, {MAX_LAYERS if 'layers' in k else MAX_INT}]" if isinstance(d, int) and not isinstance(d, bool) else ""
+            integer = isinstance(d, int) and not isinstance(d, bool)
+            bound = f" in [0, {MAX_LAYERS if 'layers' in k else MAX_INT}]" if integer else ""
             raise ValueError(f"config field {k} = {v!r} is not a valid {type(d).__name__}{bound}")
     cfg = {**cfg, **{k: tuple(v) for k, v in cfg.items() if isinstance(defaults[k], tuple)}}
     import torch
@@ -69,8 +70,8 @@ def check_config(name: str, cfg: dict) -> dict:
         raise ValueError(f"this {name} configuration cannot be built: {e}") from None
     n = sum(t.numel() for t in probe.parameters()) + sum(t.numel() for t in probe.buffers())
     if n * 4 / 1e9 > MAX_GB:
-        raise ValueError(f"this {name} configuration asks for {n * 4 / 1e9:.1f} GB of weights (at most {MAX_GB:.0f} GB); "
-                         "refused before allocating anything")
+        raise ValueError(f"this {name} configuration asks for {n * 4 / 1e9:.1f} GB of weights (at most "
+                         f"{MAX_GB:.0f} GB); refused before allocating anything")
     return cfg
 
 

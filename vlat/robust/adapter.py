@@ -177,7 +177,8 @@ def add_adapters(clip, rank: int | None = None, drop: float = 0.2, scale: float 
         layer = getattr(parent, name)
         if isinstance(layer, RAdapter):
             raise ValueError("this model already has R-Adapters")
-        ad = RAdapter(layer, rank, drop, scale, ema, **options).to(layer.weight.device).train(layer.training)  # keep eval mode
+        ad = RAdapter(layer, rank, drop, scale, ema, **options)
+        ad = ad.to(layer.weight.device).train(layer.training)               # keep eval mode
         setattr(parent, name, ad)
         adapters.append(ad)
     return adapters

@@ -194,11 +194,13 @@ class Collator:
     task: str = "itm"
     max_length: int = MAX_TEXT_LEN
     paraphrase_prompts: bool = False
+    class_texts: list | None = None     # classify: these prompts instead of the toy world's (your own classes)
 
     def __post_init__(self):
         self._prompts = None
         if self.task == "classify":
-            self._prompts = encode_text(self.tokenizer, class_prompts(self.paraphrase_prompts), self.max_length)
+            texts = self.class_texts if self.class_texts is not None else class_prompts(self.paraphrase_prompts)
+            self._prompts = encode_text(self.tokenizer, list(texts), self.max_length)
 
     def __call__(self, items: list[dict]) -> dict:
         if not items:

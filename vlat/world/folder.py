@@ -112,7 +112,8 @@ class FolderDataset(Dataset):
         return len(self.records)
 
     @classmethod
-    def from_pairs(cls, images: torch.Tensor, captions: list[list[str]], root: str | Path = "<memory>") -> "FolderDataset":
+    def from_pairs(cls, images: torch.Tensor, captions: list[list[str]],
+                   root: str | Path = "<memory>") -> "FolderDataset":
         """Pairs already in memory (``images`` ``[N, 3, S, S]`` in [0, 1], each with its captions), e.g. from a
         Hugging Face dataset (:func:`vlat.world.hub.hub_pairs`)."""
         if len(images) != len(captions) or not len(captions):
@@ -145,6 +146,53 @@ class FolderDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         return {"pixel_values": self.images[i], "text": self.captions[i][0], "label": i, "index": i}
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+class ClassFolderDataset(Dataset):
+    """Images sorted into one folder per class (``root/dog/1.jpg``, ``root/cat/2.png``, ...), for zero-shot
+    and fine-tuned classification (``classify``) with the prompts ``template`` (default ``"a photo of a
+    {}"``, underscores in folder names read as spaces). Items carry ``pixel_values`` and ``label`` (the
+    class's index in sorted folder order); :attr:`class_texts` are the prompts, in the same order."""
+
+    def __init__(self, root: str | Path, image_size: int = 64, template: str = "a photo of a {}"):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"{self.root}: no such folder")
+        self.class_names = sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        files = [(f, k) for k, c in enumerate(self.class_names) for f in sorted((self.root / c).iterdir())
+                 if f.suffix.lower() in IMAGE_SUFFIXES]
+        if len(self.class_names) < 2 or not files:
+            raise ValueError(f"{self.root}: a class folder needs at least two sub-folders of images (one per class); "
+                             f"found {len(self.class_names)} with {len(files)} images")
+        self.class_texts = [template.format(c.replace("_", " ")) for c in self.class_names]
+        self.images = torch.stack([load_image(f, image_size) for f, _ in files])
+        self.labels = [k for _, k in files]
+        self.files = [f for f, _ in files]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"pixel_values": self.images[i], "label": self.labels[i], "index": i}
+
+    def subset(self, indices) -> "ClassFolderDataset":
+        out = object.__new__(ClassFolderDataset)
+        idx = [int(i) for i in indices]
+        out.root, out.class_names, out.class_texts = self.root, self.class_names, self.class_texts
+        out.images, out.labels = self.images[idx], [self.labels[i] for i in idx]
+        out.files = [self.files[i] for i in idx]
+        return out
+
+    def split(self, holdout: float = 0.1, seed: int = 0) -> tuple["ClassFolderDataset", "ClassFolderDataset | None"]:
+        """``(train, test)``: a seeded ``holdout`` fraction of the images kept out (``None`` below 2)."""
+        n_test = int(len(self) * holdout)
+        if n_test < 2:
+            return self, None
+        order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed)).tolist()
+        return self.subset(sorted(order[n_test:])), self.subset(sorted(order[:n_test]))
 
 
 def train_test_pairs(root: str | Path, image_size: int = 64, holdout: float = 0.1, seed: int = 0
