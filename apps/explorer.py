@@ -50,8 +50,33 @@ GALLERY_SIZE = 24
 
 INTRO = """# vlat explorer
 Pick a pair (or upload an image), choose a method and ε, and press **Perturb**. ε is a fraction of the
-perturbed input's own norm (0.1 = 10 %). The attack pushes the model away from its own clean prediction.
+perturbed input's own norm (0.1 = 10 %): the perturbation δ may be at most that large, per example. The
+attack pushes the model away from its own clean prediction (it maximises the loss of that prediction).
+The same views, step by step with the code: notebook `notebooks/09_explorer.ipynb`; each method's
+formula and defaults: `docs/methods.md` (its section per method).
 """
+
+TRY = """**What to try**
+- Raise ε until the prediction flips; note the ε where it does.
+- Same ε, *image* against *text*: which modality does this model lean on?
+- FGSM (one step) against PGD (many) at the same ε: the KL bars show how much further PGD gets.
+- FreeLB and VILLA use the attack for training, not to break the model: compare their KL with PGD's.
+- *pixels* keeps the image a valid picture (values in [0, 1]): look at δ magnified.
+"""
+
+EXPLAIN = {   # one or two sentences beside each panel: what it shows and how to read it
+    "perturbation": "‖δ‖ per image patch, over the image (brighter: more change there). In *pixels* mode, δ "
+                    "itself, magnified. Where the attack spends its budget is where the model looks.",
+    "tokens": "‖δ_t‖ per caption token (the L2 norm of the change to that word's embedding). A text δ does not "
+              "change the words: it moves their embeddings off the vocabulary.",
+    "attention": "Where the model looks in the image, before and after δ: attention rollout of [CLS] (Abnar & "
+                 "Zuidema 2020; each layer's attention mixed with the residual path and multiplied through) for "
+                 "the single-stream model and CLIP, the caption's cross-attention to the patches for ALBEF.",
+    "confidence": "The prediction before and after δ, and KL(p‖p_adv), KL(p_adv‖p) and their sum, the symmetric "
+                  "KL that SMART and VILLA use as a regulariser: 0 means δ changed nothing.",
+    "attribution": "Integrated gradients (captum): each token's and patch's share of the clean prediction's "
+                   "logit; red pushes towards the predicted outcome, blue away from it.",
+}
 
 
 def gallery_pairs(root: Path | None = None, n: int = GALLERY_SIZE) -> list[tuple[str, str]]:
@@ -225,12 +250,22 @@ def build_app(pairs: list[tuple[str, str]] | None = None, allow=()) -> gr.Blocks
             go = gr.Button("Perturb", variant="primary", elem_id="run")
         status = gr.Markdown(elem_id="status")
         with gr.Row():
-            perturbation = gr.Plot(label="where δ went in the image", elem_id="plot-perturbation")
-            tokens = gr.Plot(label="where δ went in the caption", elem_id="plot-tokens")
+            with gr.Column():
+                perturbation = gr.Plot(label="where δ went in the image", elem_id="plot-perturbation")
+                gr.Markdown(EXPLAIN["perturbation"], elem_id="explain-perturbation")
+            with gr.Column():
+                tokens = gr.Plot(label="where δ went in the caption", elem_id="plot-tokens")
+                gr.Markdown(EXPLAIN["tokens"], elem_id="explain-tokens")
         with gr.Row():
-            attention = gr.Plot(label="attention before and after", elem_id="plot-attention")
-            confidence = gr.Plot(label="confidence and KL", elem_id="plot-confidence")
+            with gr.Column():
+                attention = gr.Plot(label="attention before and after", elem_id="plot-attention")
+                gr.Markdown(EXPLAIN["attention"], elem_id="explain-attention")
+            with gr.Column():
+                confidence = gr.Plot(label="confidence and KL", elem_id="plot-confidence")
+                gr.Markdown(EXPLAIN["confidence"], elem_id="explain-confidence")
         attribution = gr.Plot(label="integrated gradients (captum)", elem_id="plot-attribution")
+        gr.Markdown(EXPLAIN["attribution"], elem_id="explain-attribution")
+        gr.Markdown(TRY, elem_id="what-to-try")
         numbers = gr.JSON(label="numbers", elem_id="numbers")
 
         gallery.select(on_select, None, [preview, image, caption, status], api_visibility="private")

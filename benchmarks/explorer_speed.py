@@ -22,7 +22,8 @@ from vlat.explain.views import all_figures  # noqa: E402
 from vlat.models import load_model, model_tokenizer  # noqa: E402
 from vlat.resources import checkpoint, sample_pairs  # noqa: E402
 
-CHECKPOINTS = {"single-stream tiny": "single_stream_tiny_itm", "CLIP tiny": "clip_tiny_itc"}
+CHECKPOINTS = {"single-stream tiny": "single_stream_tiny_itm", "CLIP tiny": "clip_tiny_itc",
+               "ALBEF tiny": "albef_tiny_pretrain"}
 
 
 def main(argv=None) -> None:

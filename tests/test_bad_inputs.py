@@ -326,17 +326,22 @@ def pairs_folder(root: Path, records: list, images: dict | None = None) -> Path:
 GOOD = {"image": "images/a.png", "captions": ["a red square"]}
 
 
+def outside_file(tmp: Path) -> Path:
+    """A real image beside the dataset folder, the target of the path-escape cases."""
+    Image.new("RGB", (4, 4)).save(tmp / "secret.png")
+    return tmp / "secret.png"
+
+
 def folder_cases(tmp: Path):
-    outside = tmp / "secret.png"
-    Image.new("RGB", (4, 4)).save(outside)
     return {
         "no captions.jsonl": (lambda r: r.mkdir(), "captions.jsonl"),
         "malformed line": (lambda r: pairs_folder(r, [GOOD, "{oops"]), ":2"),
         "captions not a list": (lambda r: pairs_folder(r, [{"image": "images/a.png", "captions": "x"}]), ":1"),
         "an empty caption": (lambda r: pairs_folder(r, [{"image": "images/a.png", "captions": [" "]}]), ":1"),
         "no image key": (lambda r: pairs_folder(r, [{"captions": ["x"]}]), ":1"),
-        "image path out of the folder": (lambda r: pairs_folder(r, [{**GOOD, "image": "../secret.png"}]), "outside"),
-        "absolute image path": (lambda r: pairs_folder(r, [{**GOOD, "image": str(outside)}]), "outside"),
+        "image path out of the folder": (lambda r: (outside_file(tmp), pairs_folder(r, [{**GOOD, "image": "../secret.png"}])),
+                                         "outside"),
+        "absolute image path": (lambda r: pairs_folder(r, [{**GOOD, "image": str(outside_file(tmp))}]), "outside"),
         "missing image": (lambda r: pairs_folder(r, [{**GOOD, "image": "images/none.png"}]), "none.png"),
         "image that is text": (lambda r: (pairs_folder(r, [{**GOOD, "image": "images/t.png"}]),
                                           (r / "images" / "t.png").write_text("hello")), "t.png"),
