@@ -64,6 +64,9 @@ TRY = """**What to try**
 - *pixels* keeps the image a valid picture (values in [0, 1]): look at δ magnified.
 """
 
+PANEL_TITLES = {"perturbation": "where δ went in the image", "tokens": "where δ went in the caption",
+                "attention": "attention before and after", "confidence": "confidence and KL",
+                "attribution": "integrated gradients (captum)"}
 EXPLAIN = {   # one or two sentences beside each panel: what it shows and how to read it
     "perturbation": "‖δ‖ per image patch, over the image (brighter: more change there). In *pixels* mode, δ "
                     "itself, magnified. Where the attack spends its budget is where the model looks.",
@@ -249,22 +252,19 @@ def build_app(pairs: list[tuple[str, str]] | None = None, allow=()) -> gr.Blocks
             step_size = gr.Number(value=0, label="step size (0: 2.5 ε / steps)", minimum=0)
             go = gr.Button("Perturb", variant="primary", elem_id="run")
         status = gr.Markdown(elem_id="status")
+
+        def panel(name: str) -> gr.Plot:
+            """A figure with its explanation under it."""
+            with gr.Column():
+                plot = gr.Plot(label=PANEL_TITLES[name], elem_id=f"plot-{name}")
+                gr.Markdown(EXPLAIN[name], elem_id=f"explain-{name}")
+            return plot
+
         with gr.Row():
-            with gr.Column():
-                perturbation = gr.Plot(label="where δ went in the image", elem_id="plot-perturbation")
-                gr.Markdown(EXPLAIN["perturbation"], elem_id="explain-perturbation")
-            with gr.Column():
-                tokens = gr.Plot(label="where δ went in the caption", elem_id="plot-tokens")
-                gr.Markdown(EXPLAIN["tokens"], elem_id="explain-tokens")
+            perturbation, tokens = panel("perturbation"), panel("tokens")
         with gr.Row():
-            with gr.Column():
-                attention = gr.Plot(label="attention before and after", elem_id="plot-attention")
-                gr.Markdown(EXPLAIN["attention"], elem_id="explain-attention")
-            with gr.Column():
-                confidence = gr.Plot(label="confidence and KL", elem_id="plot-confidence")
-                gr.Markdown(EXPLAIN["confidence"], elem_id="explain-confidence")
-        attribution = gr.Plot(label="integrated gradients (captum)", elem_id="plot-attribution")
-        gr.Markdown(EXPLAIN["attribution"], elem_id="explain-attribution")
+            attention, confidence = panel("attention"), panel("confidence")
+        attribution = panel("attribution")
         gr.Markdown(TRY, elem_id="what-to-try")
         numbers = gr.JSON(label="numbers", elem_id="numbers")
 

@@ -15,6 +15,22 @@ def tok():
     return load_tokenizer()
 
 
+def interrupted_at(call: int, step_fn=None):
+    """A training step that runs ``step_fn`` (clean by default) and raises KeyboardInterrupt at its
+    ``call``-th call: a run killed mid-training, for the resume tests."""
+    from vlat.train import clean_step
+
+    calls = {"n": 0}
+
+    def step(ctx, batch):
+        calls["n"] += 1
+        if calls["n"] == call:
+            raise KeyboardInterrupt
+        return (step_fn or clean_step)(ctx, batch)
+
+    return step
+
+
 def make_batch(task: str, n: int = 6, seed: int = 0, **kw):
     from vlat.world import Collator, WorldDataset, load_tokenizer
 

@@ -119,16 +119,10 @@ def interrupted_and_resumed(rank, out: Path):
         return model, state
 
     full, full_state = run(out / "full")
-    calls = {"n": 0}
-
-    def crashing(ctx, batch):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return clean_step(ctx, batch)
+    from conftest import interrupted_at
 
     try:
-        run(out / "part", crashing)
+        run(out / "part", interrupted_at(3))
     except KeyboardInterrupt:
         pass
     torch.manual_seed(123)

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from conftest import make_batch
+from conftest import interrupted_at, make_batch
 from vlat.cli import main as vlat
 from vlat.evaluate import recall_at_k
 from vlat.models import build_model, load_model
@@ -26,16 +26,8 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, tok):
     assert len(full.losses) == 9
     # the same run crashes during step 5 (mid-epoch 2) after a checkpoint at step 4 ...
     model, data, cfg = _run(tmp_path / "part", tok, save_every=4)
-    calls = {"n": 0}
-
-    def crashing_step(ctx, batch):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt
-        return clean_step(ctx, batch)
-
     with pytest.raises(KeyboardInterrupt):
-        train(model, "itm", data, cfg, step_fn=crashing_step, collate_fn=Collator(tok, "itm"))
+        train(model, "itm", data, cfg, step_fn=interrupted_at(5), collate_fn=Collator(tok, "itm"))
     # ... and is resumed in a fresh process-like setting: new model, new data, scrambled global RNG
     model2, data2, cfg2 = _run(tmp_path / "part", tok)
     torch.manual_seed(123)
