@@ -69,6 +69,8 @@ def refused(capsys, argv, *words):
     (["--save-every", "-1"], ["save-every"]),
     (["--eval-every", "-1"], ["eval-every"]),
     (["--seed", "-1"], ["seed"]),
+    (["--grad-accum", "0"], ["grad-accum"]),
+    (["--grad-accum", "3"], ["grad-accum"]),                      # 16 does not split into 3 parts
     (["--model-overrides", "not json"], ["model-overrides"]),
     (["--model-overrides", "[1, 2]"], ["model-overrides"]),
     (["--model-overrides", '{"hidden_size": -4}'], ["hidden_size"]),

@@ -169,3 +169,45 @@ def test_version_license_and_citation_agree_with_the_package(capsys):
     assert meta["license"]["text"] == "MIT" and (root / "LICENSE").read_text().startswith("MIT License")
     cff = (root / "CITATION.cff").read_text()
     assert f"version: {vlat.__version__}" in cff and "license: MIT" in cff
+
+
+@pytest.mark.parametrize("name", ["clean", *__import__("vlat.adversarial", fromlist=["registry"]).registry.names()])
+def test_gradient_accumulation_equals_the_large_batch(name, tok, monkeypatch):
+    """The gradient an update applies, from a batch of 8 in 2 or 4 micro-batches, is the batch of 8's (the
+    single-stream model: examples do not interact in a batch). FreeAT, which steps inside its batch,
+    refuses accumulation."""
+    from vlat.adversarial import registry
+    from vlat.train import StepContext
+    from vlat.world import WorldDataset
+
+    applied = []
+    real = StepContext.optimizer_step
+
+    def spy(self, loss=None):
+        if self.micro == self.micros - 1:        # the accumulated gradient, as the optimiser gets it
+            applied.append({n: p.grad.clone() for n, p in self.model.named_parameters() if p.grad is not None})
+        return real(self, loss)
+
+    monkeypatch.setattr(StepContext, "optimizer_step", spy)
+
+    def run(k):
+        applied.clear()
+        torch.manual_seed(0)
+        model = build_model("single_stream", "nano", dropout=0.0)
+        step = clean_step if name == "clean" else registry.get(name).cls()
+        train(model, "itm", WorldDataset("itm", "train", 16, seed=0), TrainConfig(batch_size=8, max_steps=2,
+              device="cpu", progress=False, grad_accum=k), step_fn=step, collate_fn=Collator(tok, "itm"))
+        return list(applied)
+
+    one = run(1)
+    if name == "freeat":
+        with pytest.raises(ValueError, match="several optimiser steps"):
+            run(2)
+        return
+    for k in (2, 4):
+        parts = run(k)
+        assert len(parts) == len(one) == 2
+        a, b = one[0], parts[0]       # the first update (Adam turns float noise of near-zero gradients into
+        assert a.keys() == b.keys()   # lr-sized steps, so later updates start from slightly other weights)
+        for key in a:                 # to float error: sums in another order (SMART's per-token scaling: 5e-5)
+            assert (b[key] - a[key]).abs().max() <= 1e-4 * a[key].abs().max() + 1e-6, (k, key)

@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "global batch, split evenly over the processes)")
     t.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (warm-up then cosine)")
     t.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
+    t.add_argument("--grad-accum", type=int, default=1,
+                   help="micro-batches per optimiser step: --batch-size examples in that many parts (less memory, "
+                        "the same update)")
     t.add_argument("--warmup", type=float, default=0.1, help="fraction of steps for linear warm-up")
     t.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0 disables clipping)")
     t.add_argument("--noise-rate", type=float, default=0.0, help="fraction of training captions replaced by noise")
@@ -259,7 +262,8 @@ def cmd_train(a) -> int:
     cfg = TrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, weight_decay=a.weight_decay,
                       warmup_frac=a.warmup, grad_clip=a.grad_clip, seed=a.seed, eval_every=a.eval_every,
                       save_every=a.save_every, amp=a.amp, device=a.device, out_dir=a.out, max_steps=a.max_steps,
-                      progress=not a.no_progress, drop_last=model.full_batches, objective=a.objective)
+                      progress=not a.no_progress, drop_last=model.full_batches, objective=a.objective,
+                      grad_accum=a.grad_accum)
     metric = "TR@1" if eval_task == "itc" else "accuracy"
 
     def eval_fn(m):
@@ -459,8 +463,10 @@ def check_train_args(a) -> None:
     for flag, v, lo, hi in (("--batch-size", a.batch_size, 1, 65_536), ("--epochs", a.epochs, 1, 100_000),
                             ("--train-size", a.train_size, 1, 10_000_000), ("--eval-size", a.eval_size, 1, 100_000),
                             ("--save-every", a.save_every, 0, 10**9), ("--eval-every", a.eval_every, 0, 10**9),
-                            ("--seed", a.seed, 0, 2**31 - 1)):
+                            ("--seed", a.seed, 0, 2**31 - 1), ("--grad-accum", a.grad_accum, 1, 1024)):
         _in_range(flag, v, lo, hi, integer=True)
+    if a.batch_size % a.grad_accum:
+        raise ValueError(f"--batch-size {a.batch_size} does not split into --grad-accum {a.grad_accum} equal parts")
     if a.max_steps is not None:
         _in_range("--max-steps", a.max_steps, 1, 10**9, integer=True)
     _in_range("--lr", a.lr, 0.0, 1.0)

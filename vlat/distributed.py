@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 _SHARDING = False            # True inside a training loop that splits each global batch across ranks
+_PART = (0, 1)               # (this rank's micro-batch, micro-batches per optimiser step): gradient accumulation
 SHARED_KEYS = ("class_input_ids", "class_attention_mask")   # batch entries every example shares (not rows)
 PAIRWISE_KEYS = ("truth",)                                   # [B, B] entries: rows and columns are examples
 
@@ -77,33 +78,43 @@ def local_device() -> torch.device:
 
 
 @contextlib.contextmanager
-def sharding(on: bool = True):
-    """Inside: random starts are drawn for the global batch (see :func:`rows_of_global_draw`)."""
-    global _SHARDING
-    before, _SHARDING = _SHARDING, on and is_distributed()
+def sharding(on: bool = True, micro: int = 0, micros: int = 1):
+    """Inside: random starts are drawn for the global batch and each process keeps the rows of its block
+    (see :func:`rows_of_global_draw`); ``micro`` of ``micros``: the micro-batch of gradient accumulation."""
+    global _SHARDING, _PART
+    before = _SHARDING, _PART
+    _SHARDING, _PART = on and (is_distributed() or micros > 1), (micro, micros)
     try:
         yield
     finally:
-        _SHARDING = before
+        _SHARDING, _PART = before
+
+
+def _block() -> tuple[int, int]:
+    """(index of this block, blocks per global batch): rank r's micro-batch i is block r * k + i."""
+    micro, micros = _PART
+    return rank() * micros + micro, world_size() * micros
 
 
 def rows_of_global_draw(shape, draw):
-    """``draw(shape)`` as one process would make it for the global batch, this rank's rows of it."""
+    """``draw(shape)`` as one process would make it for the global batch, the rows of this block of it."""
     if not _SHARDING:
         return draw(tuple(shape))
-    w, r, b = world_size(), rank(), shape[0]
-    return draw((b * w, *shape[1:]))[r * b:(r + 1) * b]
+    (i, n), b = _block(), shape[0]
+    return draw((b * n, *shape[1:]))[i * b:(i + 1) * b]
 
 
-def shard_batch(batch: dict, batch_size: int) -> dict:
-    """This rank's contiguous block of a collated global batch of ``batch_size`` examples."""
-    w = world_size()
-    if w == 1:
+def shard_batch(batch: dict, batch_size: int, micro: int = 0, micros: int = 1) -> dict:
+    """Block ``rank * micros + micro`` of a collated global batch of ``batch_size`` examples: this rank's
+    part of it, and of that part the micro-batch ``micro`` of ``micros`` (gradient accumulation)."""
+    n = world_size() * micros
+    if n == 1:
         return batch
-    if batch_size % w:
-        raise ValueError(f"batch size {batch_size} does not split over {w} processes; use a multiple of {w}")
-    b, r = batch_size // w, rank()
-    rows = slice(r * b, (r + 1) * b)
+    if batch_size % n:
+        raise ValueError(f"batch size {batch_size} does not split into {n} equal blocks ({world_size()} process(es) "
+                         f"x {micros} accumulation step(s)); use a multiple of {n}")
+    b, i = batch_size // n, rank() * micros + micro
+    rows = slice(i * b, (i + 1) * b)
     out = {}
     for k, v in batch.items():
         if not torch.is_tensor(v) or k in SHARED_KEYS or v.dim() == 0 or v.shape[0] != batch_size:

@@ -61,9 +61,10 @@ class TrainConfig:
     objective: str = "task"         # the training loss: "task" (the model's own) or "mpm_nce" (contrastive models)
     objective_options: dict = field(default_factory=dict)   # its settings, e.g. {"temp": 0.01, "margin": 0.05}
     max_skipped_in_a_row: int = 25  # that many non-finite steps in a row stop training with an error
+    grad_accum: int = 1             # micro-batches per optimiser step: batch_size examples in grad_accum parts
 
     def __post_init__(self):
-        for name, low in (("epochs", 1), ("batch_size", 1), ("max_skipped_in_a_row", 1)):
+        for name, low in (("epochs", 1), ("batch_size", 1), ("max_skipped_in_a_row", 1), ("grad_accum", 1)):
             v = getattr(self, name)
             if not isinstance(v, int) or v < low:
                 raise ValueError(f"TrainConfig.{name} must be an integer >= {low}, got {v!r}")
@@ -141,7 +142,12 @@ class StepContext:
         with self.autocast():
             return self.model(batch, task or self.task, **kw)
 
+    micro, micros = 0, 1              # gradient accumulation: this micro-batch of how many per update
+
     def backward(self, loss: torch.Tensor, retain_graph: bool = False) -> None:
+        """Back-propagate ``loss`` into the parameters' gradients (scaled by 1 / micro-batches, so that
+        accumulated gradients are those of the whole batch's mean loss)."""
+        loss = loss / self.micros if self.micros > 1 else loss
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward(retain_graph=retain_graph)
 
     def unscale(self) -> None:
@@ -151,7 +157,10 @@ class StepContext:
 
     def optimizer_step(self, loss: torch.Tensor | None = None) -> bool:
         """Clip and apply the accumulated gradients; skip (and count) if anything is non-finite. Under
-        torchrun the gradients are first averaged over the ranks: the one all-reduce of the step."""
+        torchrun the gradients are first averaged over the ranks: the one all-reduce of the step. With
+        gradient accumulation, every micro-batch but the last only accumulates (and returns True)."""
+        if self.micro < self.micros - 1:
+            return True
         self.unscale()
         distributed.all_reduce_gradients(self.model.parameters())
         params = [p for p in self.model.parameters() if p.grad is not None]
@@ -269,9 +278,13 @@ def train(model: VLModel, task: str, train_data, config: TrainConfig | None = No
     world = distributed.world_size()
     if not config.drop_last and (model.full_batches or world > 1):
         config = replace(config, drop_last=True)     # ALBEF's queues, or equal shards: whole batches only
-    if config.batch_size % world:
-        raise ValueError(f"batch size {config.batch_size} (the global batch) does not split over {world} processes; "
-                         f"use a multiple of {world}")
+    k = config.grad_accum
+    if config.batch_size % (world * k):
+        raise ValueError(f"batch size {config.batch_size} (the global batch) does not split into {world} process(es) "
+                         f"x {k} accumulation step(s); use a multiple of {world * k}")
+    if k > 1 and getattr(step_fn, "updates_per_batch", 1) > 1:
+        raise ValueError(f"{type(step_fn).__name__} takes several optimiser steps per batch; gradient accumulation "
+                         "would change what it computes (use grad_accum=1)")
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     model.to(device)
@@ -331,11 +344,16 @@ def train(model: VLModel, task: str, train_data, config: TrainConfig | None = No
                 break
             items = [train_data[i] for i in order[start:start + config.batch_size]]
             batch = collate_fn(items) if collate_fn else items
-            if world > 1:                               # this rank's rows of the global batch
-                batch = distributed.shard_batch(batch, len(items))
-            skipped = state.skipped
-            with distributed.sharding():
-                loss = step_fn(ctx, to_device(batch, device))
+            skipped, loss = state.skipped, 0.0
+            rng = torch.get_rng_state() if k > 1 else None
+            for micro in range(k):                      # this rank's rows of the global batch, k parts in turn
+                if micro:                               # each part draws its rows of the same global draws
+                    torch.set_rng_state(rng)
+                part = distributed.shard_batch(batch, len(items), micro, k) if world * k > 1 else batch
+                ctx.micro, ctx.micros = micro, k
+                with distributed.sharding(micro=micro, micros=k):
+                    loss = loss + step_fn(ctx, to_device(part, device)) / k
+            ctx.micro, ctx.micros = 0, 1
             in_a_row = in_a_row + 1 if state.skipped > skipped else 0
             if in_a_row >= config.max_skipped_in_a_row:
                 bar.close()

@@ -96,6 +96,11 @@ class FreeAT(Adversary):
         """On a fixed model FreeAT's δ makes ``m`` steps of ``ε_step`` from zero, one per replay."""
         return self.replays
 
+    @property
+    def updates_per_batch(self) -> int:
+        """Optimiser steps per batch: one per replay (so no gradient accumulation over micro-batches)."""
+        return self.replays
+
     def epochs_for(self, epochs: int) -> int:
         """Epochs that make m replays cost what ``epochs`` of clean training cost (rounded up)."""
         return max(1, -(-epochs // self.replays))

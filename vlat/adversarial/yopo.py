@@ -145,8 +145,8 @@ class YOPO(Adversary):
         def costate(loss, f0):
             ctx.backward(loss * weight)                             # θ-grads accumulate over m passes
             total.append(loss.detach() / self.outer)
-            p = f0.grad.detach()                                    # co-state ∂(weight · L)/∂f₀
-            return p / ctx.scaler.get_scale() if ctx.scaler is not None else p   # at true scale (fp16)
+            p = f0.grad.detach() * ctx.micros                       # co-state ∂(weight · L)/∂f₀ (ctx.backward
+            return p / ctx.scaler.get_scale() if ctx.scaler is not None else p   # divided it by micro-batches)
 
         def hamiltonian(deltas, p):                                 # ∇_θ₀ ⟨f₀(x + δ_new), p⟩ into layer one
             with perturbed(model, {k: d.detach() for k, d in deltas.items()}, batch), ctx.autocast():
