@@ -271,8 +271,13 @@ def build_app(pairs: list[tuple[str, str]] | None = None, allow=()) -> gr.Blocks
         gallery.select(on_select, None, [preview, image, caption, status], api_visibility="private")
         upload_box.upload(upload, upload_box, [preview, image, status], api_name="upload")
         gr.api(pick, api_name="pair")
-        go.click(run, [image, caption, model_choice, hub_id, method, modality, eps, steps, step_size],
-                 [status, perturbation, tokens, attention, confidence, attribution, numbers], api_name="explore")
+        # while a pair runs: Perturb is disabled and says so, the page scrolls to the results, and the last
+        # results stay (dimmed by Gradio) until the new ones arrive
+        busy = go.click(lambda: gr.update(interactive=False, value="Perturbing ..."), None, go, queue=False)
+        busy.then(run, [image, caption, model_choice, hub_id, method, modality, eps, steps, step_size],
+                  [status, perturbation, tokens, attention, confidence, attribution, numbers], api_name="explore",
+                  scroll_to_output=True, show_progress="minimal").then(
+            lambda: gr.update(interactive=True, value="Perturb"), None, go, queue=False)
     return app
 
 

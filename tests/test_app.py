@@ -185,6 +185,11 @@ def test_a_person_in_a_browser_runs_pgd_and_sees_the_panels(server, tmp_path):
         assert page.locator("#plot-perturbation .heatmaplayer, #plot-perturbation g.hm").count() >= 1
         kl_text = page.locator("#plot-confidence").inner_text()
         assert "KL(p‖p_adv)" in kl_text and "symmetric" in kl_text
+        for panel in ("perturbation", "tokens", "attention", "confidence", "attribution"):   # each explained
+            assert len(page.locator(f"#explain-{panel}").inner_text()) > 40
+        assert "What to try" in page.locator("#what-to-try").inner_text()
+        page.wait_for_function("() => !document.querySelector('#run').disabled", timeout=10_000)
+        assert page.locator("#run").inner_text().strip() == "Perturb"     # enabled again, its label back
         assert "Traceback" not in page.content()
         page.screenshot(path=str(shot), full_page=True)
         browser.close()
