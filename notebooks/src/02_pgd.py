@@ -92,6 +92,51 @@ site = model.perturbation_sites()["image"]
 image_heatmap(batch["pixel_values"][0], patch_grid(delta["image"], site, 64, model.config.patch_size)[0], "‖δ‖ per region")
 
 # %% [markdown]
+# ### Your turn: write the PGD loop
+# Why these two operations. The steepest ascent step of length η in L2: among all $v$ with
+# $\|v\|_2 \le \eta$, the first-order gain $g^\top v$ is largest at $v = \eta\, g / \|g\|_2$ (Cauchy-Schwarz:
+# $g^\top v \le \|g\|_2 \|v\|_2$, with equality when $v$ points along $g$). The projection onto the ball
+# $\{\|\delta\|_2 \le \epsilon\}$: the closest point of a ball lies on the ray to its centre, so a $\delta$
+# outside is rescaled to $\epsilon\, \delta / \|\delta\|_2$ and one inside is left alone.
+#
+# Write the loop in the cell below (this copy ships filled in so that the notebook runs; to practise,
+# delete the four lines marked `←` and write them yourself). From $\delta = 0$, K times: the loss at
+# $x + \delta$, its gradient $g$ with respect to $\delta$, the step, the projection, each per example.
+# `perturbed(model, {"image": delta}, batch)` adds $\delta$ at the image site for the forwards inside it.
+#
+# **Predict before you run:** after 10 steps of η = ε/4, will every example's $\|\delta\|_2$ be exactly ε?
+
+# %%
+def my_pgd(model, batch, eps, eta, steps):
+    delta = torch.zeros(model.perturbation_sites()["image"].shape(batch), requires_grad=True)
+    for _ in range(steps):
+        with perturbed(model, {"image": delta}, batch):
+            loss = model(batch, "itm").loss                                  # ← the loss at x + δ
+        (g,) = torch.autograd.grad(loss, delta)                              # ← its gradient with respect to δ
+        delta = delta + eta * g / per_example_norm(g).clamp_min(1e-8).view(-1, 1, 1)     # ← steepest L2 step
+        scale = torch.clamp(eps / per_example_norm(delta).clamp_min(1e-12), max=1.0)     # ← back into the ball
+        delta = (delta * scale.view(-1, 1, 1)).detach().requires_grad_(True)
+    return delta.detach()
+
+
+# %% [markdown]
+# The check: your δ against vlat's `PGD` on the same batch, from the same start (δ = 0, no random start).
+
+# %%
+mine = my_pgd(model, batch, eps=2.0, eta=0.5, steps=STEPS)
+vlat_pgd = PGD(sites=("image",), eps=2.0, step_size=0.5, steps=STEPS)
+theirs = vlat_pgd.attack(model, batch, "itm", random_start=False)["image"]
+diff = (mine - theirs).abs().max().item()
+print(f"largest difference from vlat's PGD: {diff:.1e}:", "the same loop" if diff < 1e-5 else
+      "not yet; print both after one step (steps=1) and compare the step, then the projection")
+print("‖δ‖₂ per example:", [round(v, 3) for v in per_example_norm(mine).tolist()])
+
+# %% [markdown]
+# Answer: not necessarily. 10 steps of ε/4 could travel 2.5 ε, so most examples reach the sphere and the
+# projection keeps them on it (the printed 2.0s). But an example whose gradient turns back, step after step,
+# zig-zags and can end inside: look for a norm below 2.0 above. The ball is a bound, not a target.
+
+# %% [markdown]
 # ## 2 · One step vs many
 # FGM spends its whole budget in one direction; PGD can turn. At the same ε, PGD finds higher loss.
 
