@@ -170,17 +170,19 @@ def all_finite(flag: bool) -> bool:
     return bool(t.item() == 0)
 
 
+def _all_gather(t: torch.Tensor, what: str) -> torch.Tensor:
+    """Every rank's ``t`` concatenated in rank order (gloo gathers CPU tensors: moved there and back)."""
+    src = t.detach().contiguous()
+    if dist.get_backend() == "gloo" and src.is_cuda:
+        src = src.cpu()
+    parts = [torch.empty_like(src) for _ in range(world_size())]
+    _collective(lambda: dist.all_gather(parts, src), what)
+    return torch.cat(parts).to(t.device)
+
+
 def gather_rows(t: torch.Tensor) -> torch.Tensor:
     """Every rank's ``t`` concatenated in rank order (ALBEF's concat_all_gather; no gradient)."""
-    if not is_distributed():
-        return t
-    parts = [torch.empty_like(t) for _ in range(world_size())]
-    src = t.contiguous()
-    if dist.get_backend() == "gloo" and src.is_cuda:        # gloo gathers CPU tensors
-        src = src.cpu()
-        parts = [p.cpu() for p in parts]
-    _collective(lambda: dist.all_gather(parts, src), "the queue all-gather")
-    return torch.cat(parts).to(t.device)
+    return _all_gather(t, "the queue all-gather") if is_distributed() else t
 
 
 class _GatherWithGrad(torch.autograd.Function):
@@ -189,10 +191,8 @@ class _GatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, t):
-        parts = [torch.empty_like(t) for _ in range(world_size())]
-        _collective(lambda: dist.all_gather(parts, t.contiguous()), "the feature all-gather")
         ctx.rows = t.shape[0]
-        return torch.cat(parts)
+        return _all_gather(t, "the feature all-gather")
 
     @staticmethod
     def backward(ctx, grad):

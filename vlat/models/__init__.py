@@ -32,10 +32,11 @@ MAX_INT = 10_000_000            # any other integer setting (widths, vocabulary,
 MAX_GB = 8.0                    # parameters and buffers of a model, fp32
 
 
-def check_config(name: str, cfg: dict) -> dict:
+def check_config(name: str, cfg: dict) -> tuple[dict, VLModel]:
     """A model family's config fields, checked before anything is allocated: known fields, each of its
     default's type, integers in [0, MAX_INT] (depths up to MAX_LAYERS), floats finite; then the model is
-    built on the meta device (no memory) and refused if it would exceed MAX_GB. Returns the fields."""
+    built on the meta device (no memory) and refused if it would exceed MAX_GB. Returns the fields and
+    that meta-device model (its shapes, without weights)."""
     if not isinstance(cfg, dict):
         raise ValueError(f"a {name} config must be an object of fields, got {type(cfg).__name__}")
     cls, cfg_cls, presets = MODELS[name]
@@ -72,7 +73,7 @@ def check_config(name: str, cfg: dict) -> dict:
     if n * 4 / 1e9 > MAX_GB:
         raise ValueError(f"this {name} configuration asks for {n * 4 / 1e9:.1f} GB of weights (at most "
                          f"{MAX_GB:.0f} GB); refused before allocating anything")
-    return cfg
+    return cfg, probe
 
 
 def build_model(name: str, preset: str = "tiny", **overrides) -> VLModel:
@@ -82,7 +83,7 @@ def build_model(name: str, preset: str = "tiny", **overrides) -> VLModel:
     cls, cfg_cls, presets = MODELS[name]
     if preset not in presets:
         raise ValueError(f"unknown preset {preset!r} for {name}; choose one of {', '.join(presets)}")
-    cfg = check_config(name, {**asdict(presets[preset]), **overrides})
+    cfg, _ = check_config(name, {**asdict(presets[preset]), **overrides})
     return cls(cfg_cls(**cfg))
 
 
@@ -153,12 +154,18 @@ def read_metadata(path: str | Path) -> dict:
     return info
 
 
+def _model_weights(entries: dict) -> dict:
+    """The model's entries of a file: all of a model file, the ``model.*`` ones of a resumable training
+    checkpoint (prefix removed)."""
+    if any(k.startswith("model.") for k in entries):
+        return {k[6:]: v for k, v in entries.items() if k.startswith("model.")}
+    return entries
+
+
 def load_model(path: str | Path, map_location: str = "cpu") -> VLModel:
     """Rebuild a model from a :func:`save_model` file or a training checkpoint (no pickle), with a clear
     error if the file is damaged."""
-    from vlat.checkpoint import load_tensors
-
-    from vlat.checkpoint import tensor_shapes
+    from vlat.checkpoint import load_tensors, tensor_shapes
 
     info = read_metadata(path)
     if info["kind"] not in MODELS:
@@ -170,25 +177,18 @@ def load_model(path: str | Path, map_location: str = "cpu") -> VLModel:
     for k in cls.retired_config:           # fields older vlat versions wrote (CLIP's training loss)
         cfg.pop(k, None)
     try:
-        cfg = check_config(info["kind"], cfg)   # bounds and size, before anything is allocated
+        cfg, probe = check_config(info["kind"], cfg)   # bounds and size, before anything is allocated
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
-    import torch
-
-    with torch.device("meta"):               # the shapes the weights must have, still without memory
-        want = {k: tuple(v.shape) for k, v in cls(cfg_cls(**cfg)).state_dict().items()}
-    have = tensor_shapes(path)
-    if any(k.startswith("model.") for k in have):   # a resumable training checkpoint: its weights
-        have = {k[6:]: v for k, v in have.items() if k.startswith("model.")}
+    want = {k: tuple(v.shape) for k, v in probe.state_dict().items()}   # meta device: shapes, no memory
+    have = _model_weights(tensor_shapes(path))
     wrong = [k for k in have if k not in want or want[k] != have[k]]
     if wrong:
         k = wrong[0]
         raise ValueError(f"{path}: weights do not fit a {info['kind']} model of this config ({k!r}: "
                          f"{have[k]} in the file, {want.get(k, 'no such weight')} in the model)")
     model = cls(cfg_cls(**cfg))
-    state = load_tensors(path, map_location)
-    if any(k.startswith("model.") for k in state):  # a resumable training checkpoint: take the weights
-        state = {k[6:]: v for k, v in state.items() if k.startswith("model.")}
+    state = _model_weights(load_tensors(path, map_location))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"{path}: weights do not fit a {info['kind']} model "

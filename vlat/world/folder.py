@@ -188,11 +188,20 @@ class ClassFolderDataset(Dataset):
 
     def split(self, holdout: float = 0.1, seed: int = 0) -> tuple["ClassFolderDataset", "ClassFolderDataset | None"]:
         """``(train, test)``: a seeded ``holdout`` fraction of the images kept out (``None`` below 2)."""
-        n_test = int(len(self) * holdout)
-        if n_test < 2:
-            return self, None
-        order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed)).tolist()
-        return self.subset(sorted(order[n_test:])), self.subset(sorted(order[:n_test]))
+        return held_out(self, holdout, seed)
+
+
+def held_out(dataset, holdout: float = 0.1, seed: int = 0):
+    """``(train, test)`` subsets of ``dataset`` (anything with ``subset`` and a length): a seeded
+    ``holdout`` fraction kept out for testing, both in their original order; ``test`` is ``None`` when
+    that would be under 2 examples."""
+    if not 0.0 <= holdout < 1.0:
+        raise ValueError(f"holdout must lie in [0, 1), got {holdout}")
+    n_test = int(len(dataset) * holdout)
+    if n_test < 2:
+        return dataset, None
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
+    return dataset.subset(sorted(order[n_test:])), dataset.subset(sorted(order[:n_test]))
 
 
 def train_test_pairs(root: str | Path, image_size: int = 64, holdout: float = 0.1, seed: int = 0
@@ -206,11 +215,7 @@ def train_test_pairs(root: str | Path, image_size: int = 64, holdout: float = 0.
     if "train" in splits:
         test = [i for i, s in enumerate(splits) if s == "test"]
         return every.subset([i for i, s in enumerate(splits) if s == "train"]), (every.subset(test) if test else None)
-    n_test = int(len(every) * holdout)
-    if n_test < 2:
-        return every, None
-    order = torch.randperm(len(every), generator=torch.Generator().manual_seed(seed)).tolist()
-    return every.subset(sorted(order[n_test:])), every.subset(sorted(order[:n_test]))
+    return held_out(every, holdout, seed)
 
 
 def write_folder(root: str | Path, per_split: dict[str, int], seed: int = 1234, image_size: int = 64) -> int:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from vlat.world.folder import FolderDataset, image_to_tensor
+from vlat.world.folder import FolderDataset, held_out, image_to_tensor
 
 CAPTION_COLUMNS = ("caption", "captions", "text", "sentences", "sentence")
 IMAGE_COLUMNS = ("image", "img")
@@ -84,11 +84,7 @@ def hub_pairs(spec: str, image_size: int = 64, image_column: str | None = None, 
     train = _pairs(ds, *cols, image_size, limit, name)
     if test is not None:
         return train, _pairs(test, *cols, image_size, max(2, limit // 10), name)
-    n_test = int(len(train) * holdout)
-    if n_test < 2:
-        return train, None
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
-    return train.subset(sorted(order[n_test:])), train.subset(sorted(order[:n_test]))
+    return held_out(train, holdout, seed)
 
 
 __all__ = ["hub_pairs"]
