@@ -349,7 +349,7 @@ def train(model: VLModel, task: str, train_data, config: TrainConfig | None = No
             for micro in range(k):                      # this rank's rows of the global batch, k parts in turn
                 if micro:                               # each part draws its rows of the same global draws
                     torch.set_rng_state(rng)
-                part = distributed.shard_batch(batch, len(items), micro, k) if world * k > 1 else batch
+                part = distributed.shard_batch(batch, len(items), micro, k)     # the batch itself when 1 x 1
                 ctx.micro, ctx.micros = micro, k
                 with distributed.sharding(micro=micro, micros=k):
                     loss = loss + step_fn(ctx, to_device(part, device)) / k
