@@ -41,8 +41,9 @@ import torch
 
 import vlat
 
-gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (CPU)"
-print(f"vlat {{vlat.__version__}} from {{vlat.__file__}}; GPU: {{gpu}}")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"   # every model below lives here, the GPU when present
+where = torch.cuda.get_device_name(0) if DEVICE == "cuda" else "the CPU (no GPU found)"
+print(f"vlat {{vlat.__version__}} from {{vlat.__file__}}; running on {{where}}")
 '''
 
 

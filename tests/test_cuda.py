@@ -96,3 +96,42 @@ def test_attention_and_rollout_on_cuda():
         model = cuda_model(family).eval()
         att = model.image_attention(cuda_batch("itm"))
         assert att.device.type == "cuda" and torch.isfinite(att).all()
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_public_functions_take_a_cpu_batch_for_a_cuda_model(family):
+    """A notebook on a GPU runtime hands vlat batches straight from the (CPU) collator: attacks, calibrate,
+    site_norms, a method's training step, features, explore and WiSE-FT all move them to the model."""
+    from vlat.adversarial import PGD, site_norms
+    from vlat.models import build_model
+    from vlat.robust import wise_ft
+    from vlat.train import StepContext, TrainConfig
+
+    model, task = cuda_model(family), FAMILIES[family]
+    batch = make_batch(task, n=8)                                   # on the CPU
+    pgd = PGD(sites=("text", "image"), eps=0.1, step_size=0.05, steps=2).calibrate(model, batch, task)
+    deltas = pgd.attack(model, batch, task)
+    assert all(d.device.type == "cuda" for d in deltas.values())
+    assert set(site_norms(model, batch, task)) == set(model.perturbation_sites())
+    ctx = StepContext.standalone(model, task, TrainConfig(amp="off", progress=False))
+    assert ctx.device.type == "cuda" and torch.isfinite(pgd(ctx, batch)).item()
+    if model.feature_scores:
+        img, _ = model.image_features(batch["pixel_values"])
+        txt, _ = model.text_features(batch["input_ids"], batch["attention_mask"])
+        assert img.device.type == txt.device.type == "cuda"
+    other = build_model(family, "nano")                             # on the CPU
+    mixed = wise_ft(other, model, 0.5)
+    assert all(v.device.type == "cuda" for v in mixed.values())
+
+
+def test_explore_and_figures_with_a_cuda_model():
+    from vlat.explain.pair import explore
+    from vlat.explain.views import perturbation_figure
+    from vlat.models import load_model
+    from vlat.resources import checkpoint, sample_pairs
+    from vlat.world import load_tokenizer
+
+    model = load_model(checkpoint("single_stream_tiny_itm")).cuda()
+    image = sample_pairs() / "images" / "00000.png"
+    ex = explore(model, load_tokenizer(), image, "a large orange circle", "PGD", "both", eps=0.1, steps=3)
+    assert ex.probs_adv.device.type == "cpu" and perturbation_figure(ex) is not None

@@ -57,6 +57,22 @@ def test_no_repository_url_is_typed_by_hand():
             assert url in allowed, f"{f.name}: {url} is typed by hand; set [project.urls] Source instead"
 
 
+def test_notebooks_never_hard_code_a_device():
+    """The install cell picks ``DEVICE`` (the GPU when present); every other cell runs where that says."""
+    import re
+
+    hard = re.compile(r"""["'](cpu|cuda)(:\d+)?["']|\.cuda\(|\.cpu\(\)\s*$|device\s*=\s*torch\.device\(""")
+    for path in NOTEBOOKS:
+        cells = nbformat.read(path, as_version=4).cells
+        for cell in cells:
+            if cell.cell_type != "code" or "install" in cell.metadata.get("tags", []):
+                continue
+            found = [line for line in cell.source.splitlines() if hard.search(line.split("#")[0])]
+            assert not found, f"{path.name} hard-codes a device (use DEVICE from the install cell): {found}"
+        install = next(c.source for c in cells if "install" in c.metadata.get("tags", []))
+        assert 'DEVICE = "cuda" if torch.cuda.is_available() else "cpu"' in install and "running on" in install
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs_in_fast_mode(path, tmp_path):
     from nbclient import NotebookClient

@@ -35,8 +35,9 @@ import torch
 
 import vlat
 
-gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (CPU)"
-print(f"vlat {vlat.__version__} from {vlat.__file__}; GPU: {gpu}")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"   # every model below lives here, the GPU when present
+where = torch.cuda.get_device_name(0) if DEVICE == "cuda" else "the CPU (no GPU found)"
+print(f"vlat {vlat.__version__} from {vlat.__file__}; running on {where}")
 
 # %% tags=["parameters"]
 # Parameters. VLAT_FAST=1 (set by CI) shrinks everything to seconds; the defaults take about a minute on CPU.
@@ -60,7 +61,7 @@ from vlat.train import TrainConfig, train
 from vlat.world import SHIFTS, Collator, WorldDataset, load_tokenizer
 
 torch.manual_seed(SEED)
-print("vlat", vlat.__version__, "| torch", torch.__version__, "| cuda:", torch.cuda.is_available())
+print("vlat", vlat.__version__, "| torch", torch.__version__, "| device:", DEVICE)
 
 # %% [markdown]
 # ## 1 · The world
@@ -93,7 +94,7 @@ scene_grid(torch.cat([v.images for v in views]), ["id"] + [f"{s}: {v.captions[0]
 # added (word embeddings, patch embeddings, pixels) and the mask that keeps padding untouched.
 
 # %%
-model = build_model("clip", "tiny")
+model = build_model("clip", "tiny").to(DEVICE)
 tok = load_tokenizer()
 print(f"{sum(p.numel() for p in model.parameters()):,} parameters")
 batch = Collator(tok, "itc")([world[i] for i in range(4)])
@@ -123,7 +124,7 @@ loss_curve(state.losses)
 
 # %%
 rows = {"this notebook": ood_table(model, "classify", size=EVAL_SCENES)}
-rows["shipped clip_tiny_itc"] = ood_table(load_model(checkpoint("clip_tiny_itc")), "classify", size=EVAL_SCENES)
+rows["shipped clip_tiny_itc"] = ood_table(load_model(checkpoint("clip_tiny_itc")).to(DEVICE), "classify", size=EVAL_SCENES)
 print(markdown_table(rows))
 ood_bars(rows, "zero-shot accuracy: ID and per shift")
 

@@ -40,8 +40,9 @@ import torch
 
 import vlat
 
-gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (CPU)"
-print(f"vlat {vlat.__version__} from {vlat.__file__}; GPU: {gpu}")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"   # every model below lives here, the GPU when present
+where = torch.cuda.get_device_name(0) if DEVICE == "cuda" else "the CPU (no GPU found)"
+print(f"vlat {vlat.__version__} from {vlat.__file__}; running on {where}")
 
 # %% tags=["parameters"]
 import os
@@ -65,7 +66,7 @@ from vlat.world import Collator, WorldDataset, load_tokenizer
 
 torch.manual_seed(SEED)
 CKPT = checkpoint("single_stream_tiny_itm")
-model = load_model(CKPT)
+model = load_model(CKPT).to(DEVICE)
 tok = load_tokenizer()
 collate = Collator(tok, "itm")
 
@@ -146,7 +147,7 @@ widgets.interact(lambda eps: print(f"P(match) = {p_match(eps):.3f}"),
 data = WorldDataset("itm", "train", TRAIN_SCENES, SEED)
 test = WorldDataset("itm", "test", EVAL_SCENES, SEED)
 rows = compare_training({"clean fine-tuning": None, "FGM fine-tuning": FGM(sites=("text", "image"), eps=1.0)},
-                        lambda: load_model(CKPT), "itm", data, test,
+                        lambda: load_model(CKPT).to(DEVICE), "itm", data, test,
                         {"FGM (text, eps 1)": FGM(sites=("text",), eps=1.0)},
                         TrainConfig(epochs=EPOCHS, lr=3e-4, seed=SEED, progress=False))
 print(markdown_table(rows))

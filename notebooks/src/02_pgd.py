@@ -42,8 +42,9 @@ import torch
 
 import vlat
 
-gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (CPU)"
-print(f"vlat {vlat.__version__} from {vlat.__file__}; GPU: {gpu}")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"   # every model below lives here, the GPU when present
+where = torch.cuda.get_device_name(0) if DEVICE == "cuda" else "the CPU (no GPU found)"
+print(f"vlat {vlat.__version__} from {vlat.__file__}; running on {where}")
 
 # %% tags=["parameters"]
 import os
@@ -68,7 +69,7 @@ from vlat.world import Collator, WorldDataset, load_tokenizer
 
 torch.manual_seed(SEED)
 CKPT = checkpoint("single_stream_tiny_itm")
-model = load_model(CKPT)
+model = load_model(CKPT).to(DEVICE)
 tok = load_tokenizer()
 collate = Collator(tok, "itm")
 test = WorldDataset("itm", "test", EVAL_SCENES, SEED)
@@ -108,7 +109,7 @@ image_heatmap(batch["pixel_values"][0], patch_grid(delta["image"], site, 64, mod
 
 # %%
 def my_pgd(model, batch, eps, eta, steps):
-    delta = torch.zeros(model.perturbation_sites()["image"].shape(batch), requires_grad=True)
+    delta = torch.zeros(model.perturbation_sites()["image"].shape(batch), device=model.device, requires_grad=True)
     for _ in range(steps):
         with perturbed(model, {"image": delta}, batch):
             loss = model(batch, "itm").loss                                  # ← the loss at x + δ
@@ -180,7 +181,7 @@ widgets.interact_manual(
 # %%
 data = WorldDataset("itm", "train", TRAIN_SCENES, SEED)
 rows = compare_training({"clean fine-tuning": None, "PGD-3 fine-tuning": PGD(sites=("image",), eps=2.0, step_size=0.7, steps=3)},
-                        lambda: load_model(CKPT), "itm", data, test,
+                        lambda: load_model(CKPT).to(DEVICE), "itm", data, test,
                         {"PGD-10": PGD(sites=("image",), eps=2.0, step_size=0.5, steps=STEPS)},
                         TrainConfig(epochs=EPOCHS, lr=3e-4, seed=SEED, progress=False))
 print(markdown_table(rows))

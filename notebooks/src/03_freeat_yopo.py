@@ -43,8 +43,9 @@ import torch
 
 import vlat
 
-gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (CPU)"
-print(f"vlat {vlat.__version__} from {vlat.__file__}; GPU: {gpu}")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"   # every model below lives here, the GPU when present
+where = torch.cuda.get_device_name(0) if DEVICE == "cuda" else "the CPU (no GPU found)"
+print(f"vlat {vlat.__version__} from {vlat.__file__}; running on {where}")
 
 # %% tags=["parameters"]
 import os
@@ -79,9 +80,9 @@ batch = collate([WorldDataset("itm", "train", 32, SEED)[k] for k in range(32)])
 # The loss printed is that of each replay *at its current δ*: the model learns while δ pushes back.
 
 # %%
-model = build_model("single_stream", "tiny").train()
+model = build_model("single_stream", "tiny").to(DEVICE).train()
 freeat = FreeAT(sites=("image",), eps=2.0, step_size=1.0, replays=REPLAYS, trace=True)
-ctx = StepContext.standalone(model, "itm", TrainConfig(seed=SEED, device="cpu"))
+ctx = StepContext.standalone(model, "itm", TrainConfig(seed=SEED))
 for _ in range(3):
     freeat(ctx, batch)
     print("  ".join(f"replay {r['step']}: loss {r['loss']:.3f}, ‖δ‖ {r['|δ| image']:.2f}" for r in freeat.last_trace))
@@ -97,7 +98,7 @@ first, _ = model.layer_one("text")
 h1 = first.register_forward_hook(lambda *a: calls.__setitem__("layer one", calls["layer one"] + 1))
 h2 = model.bert.encoder.layer[-1].register_forward_hook(lambda *a: calls.__setitem__("last block", calls["last block"] + 1))
 yopo = YOPO(sites=("text",), norm="l2", eps=1.0, step_size=0.3, outer=3, inner=4, trace=True)
-yopo(StepContext.standalone(model, "itm", TrainConfig(seed=SEED, device="cpu")), batch)
+yopo(StepContext.standalone(model, "itm", TrainConfig(seed=SEED)), batch)
 h1.remove(), h2.remove()
 print(calls, "-> m full passes; m·(n+2) passes through layer one (per full pass: its own, n inner steps, "
       "and the Hamiltonian that trains layer one)")
@@ -131,7 +132,7 @@ data = WorldDataset("itm", "train", TRAIN_SCENES, SEED)
 test = WorldDataset("itm", "test", EVAL_SCENES, SEED)
 attack = {"PGD-10 (image, eps 2)": PGD(sites=("image",), eps=2.0, step_size=0.5, steps=10)}
 CKPT = checkpoint("single_stream_tiny_itm")
-build = lambda: load_model(CKPT)
+build = lambda: load_model(CKPT).to(DEVICE)
 rows = compare_training({"clean": None, "PGD-3": PGD(sites=("image",), eps=2.0, step_size=0.7, steps=3),
                          "YOPO m=3 n=3": YOPO(sites=("image",), norm="l2", eps=2.0, step_size=0.5, outer=3, inner=3)},
                         build, "itm", data, test, attack, TrainConfig(epochs=EPOCHS, lr=3e-4, seed=SEED, progress=False))

@@ -42,8 +42,9 @@ import torch
 
 import vlat
 
-gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (CPU)"
-print(f"vlat {vlat.__version__} from {vlat.__file__}; GPU: {gpu}")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"   # every model below lives here, the GPU when present
+where = torch.cuda.get_device_name(0) if DEVICE == "cuda" else "the CPU (no GPU found)"
+print(f"vlat {vlat.__version__} from {vlat.__file__}; running on {where}")
 
 # %% tags=["parameters"]
 import os
@@ -69,7 +70,7 @@ torch.manual_seed(SEED)
 tok = load_tokenizer()
 collate = Collator(tok, "itm")
 batch = collate([WorldDataset("itm", "train", 16, SEED)[k] for k in range(16)])
-model = build_model("single_stream", "tiny", dropout=0.1).train()   # dropout on: see section 3
+model = build_model("single_stream", "tiny", dropout=0.1).to(DEVICE).train()   # dropout on: see section 3
 
 
 # %% [markdown]
@@ -78,7 +79,7 @@ model = build_model("single_stream", "tiny", dropout=0.1).train()   # dropout on
 
 # %%
 freelb = FreeLB(sites=("text",), steps=4, step_size=0.3, init_mag=0.2, eps=0.0, trace=True)
-loss, final = freelb.accumulate(StepContext.standalone(model, "itm", TrainConfig(seed=SEED, device="cpu")), batch)
+loss, final = freelb.accumulate(StepContext.standalone(model, "itm", TrainConfig(seed=SEED)), batch)
 for r in freelb.last_trace:
     print(f"step {r['step']}: loss {r['loss']:.4f}   mean ‖δ‖ {r['|δ| text']:.3f}")
 n = int(batch["attention_mask"][0].sum())
@@ -94,7 +95,7 @@ import ipywidgets as widgets
 
 def show_steps(K, eta):
     f = FreeLB(sites=("text",), steps=K, step_size=eta, init_mag=0.2, eps=0.0, trace=True)
-    f.accumulate(StepContext.standalone(model, "itm", TrainConfig(seed=SEED, device="cpu")), batch)
+    f.accumulate(StepContext.standalone(model, "itm", TrainConfig(seed=SEED)), batch)
     model.zero_grad()
     print("  ".join(f"{r['loss']:.3f}" for r in f.last_trace))
 
@@ -110,7 +111,7 @@ widgets.interact_manual(show_steps, K=widgets.IntSlider(value=4, min=1, max=8, d
 model.zero_grad()
 rng = torch.get_rng_state()
 freelb.trace = False
-freelb.accumulate(StepContext.standalone(model, "itm", TrainConfig(seed=SEED, device="cpu")), batch)
+freelb.accumulate(StepContext.standalone(model, "itm", TrainConfig(seed=SEED)), batch)
 used = [p for p in model.parameters() if p.grad is not None]
 accumulated = torch.cat([p.grad.flatten() for p in used])
 torch.set_rng_state(rng)
@@ -156,7 +157,7 @@ attack = {"PGD-10 (text, eps 0.3)": PGD(sites=("text",), eps=0.3, step_size=0.07
 rows = compare_training({"clean": None,
                          "PGD-3": PGD(sites=("text",), eps=0.3, step_size=0.12, steps=3),
                          "FreeLB-3": FreeLB(sites=("text",), steps=3, step_size=0.12, init_mag=0.06, eps=0.3)},
-                        lambda: load_model(CKPT), "itm", data, test, attack,
+                        lambda: load_model(CKPT).to(DEVICE), "itm", data, test, attack,
                         TrainConfig(epochs=EPOCHS, lr=3e-4, seed=SEED, progress=False))
 print(markdown_table(rows))
 ood_bars({k: {c: v for c, v in r.items() if c != "train s"} for k, r in rows.items()}, "clean vs PGD-10 accuracy")

@@ -47,8 +47,9 @@ import torch
 
 import vlat
 
-gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (CPU)"
-print(f"vlat {vlat.__version__} from {vlat.__file__}; GPU: {gpu}")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"   # every model below lives here, the GPU when present
+where = torch.cuda.get_device_name(0) if DEVICE == "cuda" else "the CPU (no GPU found)"
+print(f"vlat {vlat.__version__} from {vlat.__file__}; running on {where}")
 
 # %% tags=["parameters"]
 import os
@@ -75,7 +76,7 @@ torch.manual_seed(SEED)
 tok = load_tokenizer()
 collate = Collator(tok, "itm")
 CKPT = checkpoint("single_stream_tiny_itm")
-model = load_model(CKPT)
+model = load_model(CKPT).to(DEVICE)
 batch = collate([WorldDataset("itm", "test", 32, SEED)[k] for k in range(32)])
 
 # %% [markdown]
@@ -127,7 +128,7 @@ attack = {"PGD-10 (text, eps 0.3)": PGD(sites=("text",), eps=0.3, step_size=0.07
 rows = compare_training({"clean": None,
                          "SMART λ=1": SMART(sites=("text",), weight=1.0),
                          "SMART + proximal μ=1": SMART(sites=("text",), mu=1.0)},
-                        lambda: load_model(CKPT), "itm", data, test, attack,
+                        lambda: load_model(CKPT).to(DEVICE), "itm", data, test, attack,
                         TrainConfig(epochs=EPOCHS, lr=3e-4, seed=SEED, progress=False))
 print(markdown_table(rows))
 ood_bars({k: {c: v for c, v in r.items() if c != "train s"} for k, r in rows.items()}, "clean vs PGD-10 accuracy")
@@ -182,7 +183,7 @@ rows = {"clean": rows["clean"], **compare_training({
                          "TRADES β=1": TRADES(sites=("text",), norm="l2", eps=0.3, step_size=0.15, steps=3, beta=1.0),
                          "TRADES β=6": TRADES(sites=("text",), norm="l2", eps=0.3, step_size=0.15, steps=3, beta=6.0),
                          "LLR λ=4 μ=3": LLR(sites=("text",), norm="l2", eps=0.3, step_size=0.15, steps=3)},
-                        lambda: load_model(CKPT), "itm", data, test, attack,
+                        lambda: load_model(CKPT).to(DEVICE), "itm", data, test, attack,
                         TrainConfig(epochs=EPOCHS, lr=3e-4, seed=SEED, progress=False))}   # the clean row of section 4
 print(markdown_table(rows))
 

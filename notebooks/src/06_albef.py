@@ -46,8 +46,9 @@ import torch
 
 import vlat
 
-gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (CPU)"
-print(f"vlat {vlat.__version__} from {vlat.__file__}; GPU: {gpu}")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"   # every model below lives here, the GPU when present
+where = torch.cuda.get_device_name(0) if DEVICE == "cuda" else "the CPU (no GPU found)"
+print(f"vlat {vlat.__version__} from {vlat.__file__}; running on {where}")
 
 # %% tags=["parameters"]
 import os
@@ -76,7 +77,7 @@ tok = load_tokenizer()
 collate = Collator(tok, "pretrain")
 data = WorldDataset("pretrain", "train", TRAIN_SCENES, SEED, noise_rate=NOISE)
 batch = collate([data[k] for k in range(8)])
-model = build_model("albef", "tiny", alpha_warmup_steps=max(1, TRAIN_SCENES // BATCH))
+model = build_model("albef", "tiny", alpha_warmup_steps=max(1, TRAIN_SCENES // BATCH)).to(DEVICE)
 captions = tok.batch_decode(batch["input_ids"], skip_special_tokens=True)
 scene_grid(batch["pixel_values"], captions)
 
@@ -119,10 +120,10 @@ print(f"queue {tuple(model.image_queue.shape)}; logits per image: {sim_i2t.shape
 # B positives + 2B negatives.
 
 # %%
-neg_text = hard_negatives(sim_i2t[:, :8], torch.Generator().manual_seed(SEED))
+neg_text = hard_negatives(sim_i2t[:, :8], torch.Generator(sim_i2t.device).manual_seed(SEED))
 for i, j in enumerate(neg_text.tolist()):
     print(f"image {i}: positive «{captions[i]}»   hard negative «{captions[j]}»")
-assert (neg_text != torch.arange(8)).all()
+assert (neg_text.cpu() != torch.arange(8)).all()
 
 # %% [markdown]
 # ## 4 · MLM: fill in words, looking at the image
@@ -173,7 +174,7 @@ widgets.interact(show_alpha, alpha=widgets.FloatSlider(value=0.4, min=0.0, max=1
 # size the queue expects.
 
 # %%
-model = build_model("albef", "tiny", alpha_warmup_steps=max(1, TRAIN_SCENES // BATCH))
+model = build_model("albef", "tiny", alpha_warmup_steps=max(1, TRAIN_SCENES // BATCH)).to(DEVICE)
 state = train(model, "pretrain", data, TrainConfig(epochs=EPOCHS, batch_size=BATCH, seed=SEED, drop_last=True,
                                                    progress=not FAST), collate_fn=collate)
 print(f"{state.step} steps in {state.seconds:.0f} s; α now {model.current_alpha():.2f}")
@@ -187,7 +188,7 @@ loss_curve(state.losses, "ITC + ITM + MLM")
 
 # %%
 if FAST:
-    model = load_model(checkpoint("albef_tiny_pretrain"))
+    model = load_model(checkpoint("albef_tiny_pretrain")).to(DEVICE)
 model.eval()
 
 # %% [markdown]

@@ -44,8 +44,9 @@ import torch
 
 import vlat
 
-gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (CPU)"
-print(f"vlat {vlat.__version__} from {vlat.__file__}; GPU: {gpu}")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"   # every model below lives here, the GPU when present
+where = torch.cuda.get_device_name(0) if DEVICE == "cuda" else "the CPU (no GPU found)"
+print(f"vlat {vlat.__version__} from {vlat.__file__}; running on {where}")
 
 # %% tags=["parameters"]
 import os
@@ -74,12 +75,12 @@ torch.manual_seed(SEED)
 tok = load_tokenizer()
 collate = Collator(tok, "itm")
 batch = collate([WorldDataset("itm", "train", 16, SEED)[k] for k in range(16)])
-model = load_model(checkpoint("single_stream_tiny_itm"))  # trained ITM
+model = load_model(checkpoint("single_stream_tiny_itm")).to(DEVICE)  # trained ITM
 sites = model.perturbation_sites()
 
 
 def context(m):
-    return StepContext.standalone(m, "itm", TrainConfig(seed=SEED, device="cpu"))
+    return StepContext.standalone(m, "itm", TrainConfig(seed=SEED))
 
 
 # %% [markdown]

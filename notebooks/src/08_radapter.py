@@ -40,8 +40,9 @@ import torch
 
 import vlat
 
-gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (CPU)"
-print(f"vlat {vlat.__version__} from {vlat.__file__}; GPU: {gpu}")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"   # every model below lives here, the GPU when present
+where = torch.cuda.get_device_name(0) if DEVICE == "cuda" else "the CPU (no GPU found)"
+print(f"vlat {vlat.__version__} from {vlat.__file__}; running on {where}")
 
 # %% tags=["parameters"]
 import os
@@ -71,7 +72,7 @@ from vlat.world import Collator, WorldDataset, load_tokenizer
 
 torch.manual_seed(SEED)
 tok = load_tokenizer()
-zero_shot = load_model(checkpoint("clip_tiny_itc"))
+zero_shot = load_model(checkpoint("clip_tiny_itc")).to(DEVICE)
 data = WorldDataset("classify", "train", TRAIN_SCENES, SEED)
 collate = Collator(tok, "classify")
 
@@ -138,7 +139,7 @@ print(f"max |merged - un-merged| = {(before - after).abs().max():.1e}")
 # %%
 ad = adapters[0]
 ad.train()
-y = torch.randn(10, 5, ad.linear.in_features)
+y = torch.randn(10, 5, ad.linear.in_features, device=ad.linear.weight.device)
 with torch.no_grad():
     on = ~torch.isclose(ad(y), ad.linear(y)).all(-1).all(-1)
 ad.eval()

@@ -45,8 +45,9 @@ import torch
 
 import vlat
 
-gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (CPU)"
-print(f"vlat {vlat.__version__} from {vlat.__file__}; GPU: {gpu}")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"   # every model below lives here, the GPU when present
+where = torch.cuda.get_device_name(0) if DEVICE == "cuda" else "the CPU (no GPU found)"
+print(f"vlat {vlat.__version__} from {vlat.__file__}; running on {where}")
 
 # %% tags=["parameters"]
 import os
@@ -68,7 +69,7 @@ from vlat.resources import samples_dir
 
 torch.manual_seed(SEED)
 samples = samples_dir()
-model = load_model(samples / "checkpoints" / "single_stream_tiny_itm.safetensors")
+model = load_model(samples / "checkpoints" / "single_stream_tiny_itm.safetensors").to(DEVICE)
 tok = model_tokenizer(model)
 records = [json.loads(line) for line in (samples / "pairs" / "captions.jsonl").read_text().splitlines()]
 # the gallery's scenes of two or three objects (their longest caption is a relation), the pairs the model

@@ -18,7 +18,7 @@ from typing import Sequence
 import torch
 
 from vlat.distributed import rows_of_global_draw
-from vlat.models.base import VLModel, perturbed
+from vlat.models.base import VLModel, device_of, perturbed
 
 NORMS = ("l2", "linf")
 INITS = ("zero", "uniform", "normal")
@@ -148,7 +148,7 @@ class Adversary:
 
     def new_deltas(self, model: VLModel, batch: dict, init: str = "zero", magnitude: float = 0.0,
                    generator=None) -> dict[str, torch.Tensor]:
-        dev = batch["pixel_values"].device
+        dev = device_of(model, batch)
         out = {}
         for name, site in self.resolve_sites(model).items():
             shape, mask, mag = site.shape(batch), site.mask(batch), magnitude * self.scale(name)

@@ -54,6 +54,7 @@ import torch
 from vlat.adversarial.base import Adversary, check_number, delta_gradients, forward_with, init_delta
 from vlat.adversarial.registry import STEPS, Option, Paper, register
 from vlat.objectives import kl_logits, stable_kl, symmetric_kl
+from vlat.models.base import device_of
 
 
 def per_token_normalise(t: torch.Tensor, site, norm: str = "linf", guard: float = 1e-6) -> torch.Tensor:
@@ -115,7 +116,7 @@ class SMART(Adversary):
 
     def start(self, model, batch: dict, random_start: bool = False, generator=None) -> dict:
         """``δ₀ = σ · radius · N(0, 1)`` at every site (masked); SMART always starts from noise."""
-        dev = batch["pixel_values"].device
+        dev = device_of(model, batch)
         return {name: init_delta(site.shape(batch), site.mask(batch), "normal", self.sigma * self.radius(name),
                                  "linf", dev, generator)
                 for name, site in self.resolve_sites(model).items()}

@@ -7,7 +7,7 @@ import torch
 
 def image_array(image: torch.Tensor):
     """``[3, H, W]`` in [0, 1] -> ``H x W x 3`` uint8, what ``go.Image`` draws."""
-    return (image.detach().clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
+    return (image.detach().cpu().clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
 
 
 def scene_grid(images: torch.Tensor, titles: list[str] | None = None, cols: int = 4, size: int = 170):
@@ -15,6 +15,7 @@ def scene_grid(images: torch.Tensor, titles: list[str] | None = None, cols: int 
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
+    images = images.detach().cpu()
     imgs = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
     n = len(imgs)
     rows = (n + cols - 1) // cols

@@ -43,7 +43,7 @@ def image_heatmap(image: torch.Tensor, grid: torch.Tensor, title: str = "‖δ�
 
     fig = make_subplots(rows=1, cols=2, subplot_titles=("image", title))
     fig.add_trace(go.Image(z=image_array(image)), row=1, col=1)
-    fig.add_trace(go.Heatmap(z=grid.detach().float().numpy(), colorscale="Inferno", showscale=True), row=1, col=2)
+    fig.add_trace(go.Heatmap(z=grid.detach().float().cpu().numpy(), colorscale="Inferno", showscale=True), row=1, col=2)
     fig.update_yaxes(autorange="reversed", row=1, col=2)
     fig.update_xaxes(visible=False).update_yaxes(visible=False)
     fig.update_layout(height=300, width=620, margin=dict(l=5, r=5, t=40, b=5))
@@ -60,5 +60,5 @@ def adversarial_triptych(image: torch.Tensor, delta: torch.Tensor, titles=("x", 
     """Clean image, δ rescaled to fill [0, 1], and the clamped adversarial image."""
     from vlat.explain.figures import scene_grid
 
-    d = delta.detach().float()
+    d, image = delta.detach().float().cpu(), image.detach().float().cpu()
     return scene_grid(torch.stack([image, magnify(d), (image + d).clamp(0, 1)]), list(titles), cols=3, size=200)

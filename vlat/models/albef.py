@@ -281,13 +281,13 @@ class AlbefModel(VLModel):
 
     def image_features(self, pixel_values: torch.Tensor, momentum: bool = False):
         """L2-normalised ITC image features ``[B, P]`` (and the ViT states)."""
-        states = self.encode_image(pixel_values, momentum)
+        states = self.encode_image(pixel_values.to(self.device), momentum)
         proj = self.vision_proj_m if momentum else self.vision_proj
         return F.normalize(proj(states[:, 0]).float(), dim=-1), states
 
     def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, momentum: bool = False):
         """L2-normalised ITC text features ``[B, P]`` (and the text states)."""
-        states = self.encode_text(input_ids, attention_mask, momentum)
+        states = self.encode_text(input_ids.to(self.device), attention_mask.to(self.device), momentum)
         proj = self.text_proj_m if momentum else self.text_proj
         return F.normalize(proj(states[:, 0]).float(), dim=-1), states
 

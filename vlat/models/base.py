@@ -225,6 +225,44 @@ class VLModel(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
+    def checkpoint_activations(self, enable: bool = True) -> "VLModel":
+        """Recompute each transformer block's activations in the backward instead of keeping them (less
+        memory, about one more forward of time). Sets every Hugging Face block of the model (both towers,
+        ALBEF's fusion layers) to non-reentrant ``torch.utils.checkpoint``; it acts in training mode only.
+        Gradients are unchanged (dropout replays its random state). Returns ``self``."""
+        import functools
+
+        import torch.utils.checkpoint
+
+        blocks = [m for m in self.modules() if isinstance(getattr(m, "gradient_checkpointing", None), bool)]
+        if not blocks:
+            raise ValueError(f"{type(self).__name__} has no transformer blocks that support gradient checkpointing")
+        func = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
+        for m in blocks:
+            m._gradient_checkpointing_func = func
+            m.gradient_checkpointing = enable
+        return self
+
+    def on_device(self, batch: dict) -> dict:
+        """``batch`` with every tensor on this model's device (a no-op copy of the dict when they are)."""
+        return to_device(batch, self.device)
+
+    def __call__(self, batch: dict, *args, **kwargs):
+        # every forward takes the batch where the model is: a notebook on a GPU runtime may hand a
+        # method, an attack, calibrate or the explorer a batch straight from the (CPU) collator
+        return super().__call__(self.on_device(batch) if isinstance(batch, dict) else batch, *args, **kwargs)
+
+
+def device_of(model: nn.Module, batch: dict) -> torch.device:
+    """Where ``model``'s parameters are (any module that follows the model contract), else the batch's."""
+    p = next(model.parameters(), None)
+    return p.device if p is not None else batch["pixel_values"].device
+
+
+def to_device(batch: dict, device) -> dict:
+    """The batch with every tensor moved to ``device`` (asynchronously from pinned memory); other values kept."""
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
 
 class _StopForward(Exception):
     pass
@@ -241,7 +279,7 @@ def run_layer_one(model: "VLModel", site: str, batch: dict) -> torch.Tensor:
 
     h = block.register_forward_hook(stop)
     try:
-        run(batch)
+        run(model.on_device(batch))
     except _StopForward:
         pass
     finally:

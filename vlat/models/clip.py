@@ -181,7 +181,7 @@ class ClipDualEncoder(VLModel):
     def image_features(self, pixel_values: torch.Tensor, output_attentions: bool = False):
         """L2-normalised image embeddings ``[B, P]`` (and the vision attentions when asked)."""
         self.check_pixels(pixel_values)
-        x = (self.pixel_input(pixel_values) - self.mean) / self.std
+        x = (self.pixel_input(pixel_values.to(self.device)) - self.mean) / self.std
         out = self.clip.get_image_features(pixel_values=x, output_attentions=output_attentions, return_dict=True)
         return F.normalize(out.pooler_output.float(), dim=-1), out.attentions
 
@@ -189,7 +189,8 @@ class ClipDualEncoder(VLModel):
         """L2-normalised text embeddings ``[T, P]`` (and the text attentions when asked)."""
         if input_ids.shape[1] > self.config.max_text_len:
             raise ValueError(f"text of {input_ids.shape[1]} tokens exceeds the model's {self.config.max_text_len}")
-        out = self.clip.get_text_features(input_ids=input_ids, attention_mask=attention_mask,
+        dev = self.device
+        out = self.clip.get_text_features(input_ids=input_ids.to(dev), attention_mask=attention_mask.to(dev),
                                           output_attentions=output_attentions, return_dict=True)
         return F.normalize(out.pooler_output.float(), dim=-1), out.attentions
 
