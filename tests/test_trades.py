@@ -55,4 +55,4 @@ def test_trades_inner_maximisation_raises_the_kl_and_stays_in_the_linf_ball():
     assert per_example_norm(deltas["pixels"], "linf").max() <= 8 / 255 + 1e-7
     run = Frozen(model, "classify")
     final = float(t.objective(run, batch, deltas, t.clean_reference(run, batch)).detach())
-    assert final > losses[0] >= 0
+    assert final > losses[0] >= -1e-6        # a KL is >= 0; at δ₀ near 0 float32 rounding can dip below
