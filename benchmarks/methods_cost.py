@@ -44,8 +44,10 @@ def methods(site: str):
     return rows
 
 
-def time_step(step, model, task, batch, device, repeats: int) -> tuple[float, int]:
-    ctx = StepContext.standalone(model, task, TrainConfig(device=str(device), progress=False), total_steps=10_000)
+def time_step(step, model, task, batch, device, repeats: int, config: TrainConfig | None = None) -> tuple[float, int]:
+    """Median seconds of one ``step`` call (after two warm-up calls) and, on CUDA, the peak memory."""
+    config = config or TrainConfig(device=str(device), progress=False)
+    ctx = StepContext.standalone(model, task, config, total_steps=10_000)
     for _ in range(2):  # warm-up
         step(ctx, batch)
     times = []

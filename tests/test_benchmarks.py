@@ -167,3 +167,16 @@ def test_albef_retrieval_fast_run_reports_the_three_ood_means(tmp_path, capsys):
     capsys.readouterr()
     ar.main(["--report", str(out)])
     assert "| stage | TR@1 ood_mean | TR@1 ood_mean_no_composition | TR@1 corruptions@3 |" in capsys.readouterr().out
+
+
+def test_gpu_throughput_smoke_run_reports_every_method_against_clean(capsys):
+    """The GPU benchmark's nano size runs on a CPU: every row has samples/s and a ratio to clean."""
+    gpu = load("gpu_throughput")
+    rows = gpu.main(["--size", "nano", "--batch", "8", "--repeats", "1", "--grad-checkpointing"])
+    out = capsys.readouterr().out
+    from vlat.adversarial import registry
+
+    assert [r["method"].split(" (")[0] for r in rows] == ["clean", *(s.label for s in registry.specs())]
+    assert rows[0]["ratio"] == 1.0 and all(r["samples_per_s"] > 0 and r["passes"] >= 1 for r in rows)
+    assert "gradient checkpointing" in out and "ratio/passes" in out
+    assert gpu.SIZES["vitb32"].vision_hidden == 768 and gpu.SIZES["vitb32"].image_size == 224

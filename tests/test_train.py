@@ -211,3 +211,58 @@ def test_gradient_accumulation_equals_the_large_batch(name, tok, monkeypatch):
         assert a.keys() == b.keys()   # lr-sized steps, so later updates start from slightly other weights)
         for key in a:                 # to float error: sums in another order (SMART's per-token scaling: 5e-5)
             assert (b[key] - a[key]).abs().max() <= 1e-4 * a[key].abs().max() + 1e-6, (k, key)
+
+
+def test_dataloader_workers_train_exactly_like_the_training_process(tmp_path, tok):
+    """Batches prepared by two worker processes are the ones the loop collates itself (same order, same
+    content), so the run's losses and final weights are equal; a max_steps stop mid-epoch still resumes."""
+    runs = {}
+    for workers in (0, 2):
+        torch.manual_seed(0)
+        model = build_model("clip", "nano")
+        cfg = TrainConfig(epochs=2, batch_size=8, max_steps=5, progress=False, workers=workers, device="cpu")
+        state = train(model, "itc", WorldDataset("itc", size=24), cfg, collate_fn=Collator(tok, "itc"))
+        runs[workers] = (state, model)
+    (s0, m0), (s2, m2) = runs[0], runs[2]
+    assert len(s0.losses) == 5 and s0.losses == s2.losses
+    assert (s0.epoch, s0.batch_in_epoch) == (s2.epoch, s2.batch_in_epoch) == (1, 2)   # stopped mid-epoch 2
+    assert all(torch.equal(a, b) for a, b in zip(m0.state_dict().values(), m2.state_dict().values()))
+    with pytest.raises(ValueError, match="workers must be an integer >= 0"):
+        TrainConfig(workers=-1)
+
+
+@pytest.mark.parametrize("family,task", [("single_stream", "itm"), ("clip", "itc"), ("albef", "pretrain")])
+def test_activation_checkpointing_leaves_gradients_unchanged(family, task, monkeypatch):
+    """Recomputing the blocks' activations in the backward (``checkpoint_activations``) gives the same loss
+    and gradients, for a clean step and a PGD step, and really goes through torch.utils.checkpoint."""
+    import torch.utils.checkpoint as tuc
+
+    from vlat.adversarial import PGD
+
+    calls = []
+    real = tuc.checkpoint
+    monkeypatch.setattr(tuc, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    batch = make_batch(task, n=4)
+
+    def grads(checkpointing):
+        torch.manual_seed(0)
+        model = build_model(family, "nano").train()
+        if checkpointing:
+            model.checkpoint_activations()
+        pgd = PGD(sites=("text",), eps=0.05, step_size=0.02, steps=2)
+        torch.manual_seed(1)
+        deltas = pgd.attack(model, batch, task)
+        from vlat.models.base import perturbed
+
+        with perturbed(model, deltas, batch):
+            loss = model(batch, task).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain_loss, plain = grads(False)
+    assert not calls
+    ck_loss, ck = grads(True)
+    assert calls, "no block was checkpointed"
+    assert torch.allclose(plain_loss, ck_loss, atol=1e-6) and plain.keys() == ck.keys()
+    for n in plain:
+        assert torch.allclose(plain[n], ck[n], atol=1e-6, rtol=1e-4), n

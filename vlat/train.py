@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader
 
 from vlat.checkpoint import load_tensors, read_header, save_tensors
 from vlat import distributed
-from vlat.models.base import TaskOutput, VLModel
+from vlat.models.base import TaskOutput, VLModel, to_device
 
 
 @dataclass
@@ -62,9 +62,11 @@ class TrainConfig:
     objective_options: dict = field(default_factory=dict)   # its settings, e.g. {"temp": 0.01, "margin": 0.05}
     max_skipped_in_a_row: int = 25  # that many non-finite steps in a row stop training with an error
     grad_accum: int = 1             # micro-batches per optimiser step: batch_size examples in grad_accum parts
+    workers: int = 0                # DataLoader worker processes preparing batches (0: in the training process)
 
     def __post_init__(self):
-        for name, low in (("epochs", 1), ("batch_size", 1), ("max_skipped_in_a_row", 1), ("grad_accum", 1)):
+        for name, low in (("epochs", 1), ("batch_size", 1), ("max_skipped_in_a_row", 1), ("grad_accum", 1),
+                          ("workers", 0)):
             v = getattr(self, name)
             if not isinstance(v, int) or v < low:
                 raise ValueError(f"TrainConfig.{name} must be an integer >= {low}, got {v!r}")
@@ -100,10 +102,6 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
 class StepContext:
     """What a step function may use: the model, its task, and the update primitives."""
 
@@ -124,9 +122,11 @@ class StepContext:
 
     @classmethod
     def standalone(cls, model: VLModel, task: str, config: TrainConfig | None = None, total_steps: int = 100):
-        """A context outside the loop (notebooks, benchmarks): its own AdamW and schedule, fresh state."""
+        """A context outside the loop (notebooks, benchmarks): its own AdamW and schedule, fresh state. It
+        runs where the model is (``device="auto"``) or moves the model to ``config.device``."""
         config = config or TrainConfig(progress=False)
-        device = resolve_device(config.device)
+        device = model.device if config.device == "auto" else resolve_device(config.device)
+        model.to(device)
         opt, sched = make_optimizer(model, config, total_steps)
         return cls(model, task, opt, sched, config, device, TrainState())
 
@@ -191,6 +191,25 @@ def clean_step(ctx: StepContext, batch: dict) -> torch.Tensor:
     ctx.backward(out.loss)
     ctx.optimizer_step(out.loss)
     return out.loss.detach()
+
+
+def _items(items: list) -> list:
+    return items
+
+
+def batches_of(data, index_lists: list, collate_fn, workers: int, device: torch.device):
+    """``(indices, batch)`` for each list of indices, in order: collated here (``workers=0``) or by a
+    DataLoader's worker processes, ``workers`` batches ahead, into pinned memory when training on a GPU
+    (the loop's copy to the device is then asynchronous)."""
+    collate = collate_fn or _items
+    if workers == 0:
+        for idx in index_lists:
+            yield idx, collate([data[i] for i in idx])
+        return
+    loader = DataLoader(data, batch_sampler=index_lists, collate_fn=collate, num_workers=workers,
+                        pin_memory=device.type == "cuda" and collate_fn is not None,
+                        generator=torch.Generator())         # its seed draw leaves the global RNG alone
+    yield from zip(index_lists, loader)
 
 
 def make_optimizer(model: VLModel, config: TrainConfig, total_steps: int):
@@ -339,17 +358,14 @@ def train(model: VLModel, task: str, train_data, config: TrainConfig | None = No
         order = epoch_order(n, config.seed, state.epoch)
         last = n - config.batch_size + 1 if config.drop_last else n
         starts = range(state.batch_in_epoch * config.batch_size, last, config.batch_size)
-        for start in starts:
-            if state.step >= total:
-                break
-            items = [train_data[i] for i in order[start:start + config.batch_size]]
-            batch = collate_fn(items) if collate_fn else items
+        lists = [order[s:s + config.batch_size] for s in starts][:max(total - state.step, 0)]   # up to max_steps
+        for indices, batch in batches_of(train_data, lists, collate_fn, config.workers, device):
             skipped, loss = state.skipped, 0.0
             rng = torch.get_rng_state() if k > 1 else None
             for micro in range(k):                      # this rank's rows of the global batch, k parts in turn
                 if micro:                               # each part draws its rows of the same global draws
                     torch.set_rng_state(rng)
-                part = distributed.shard_batch(batch, len(items), micro, k)     # the batch itself when 1 x 1
+                part = distributed.shard_batch(batch, len(indices), micro, k)     # the batch itself when 1 x 1
                 ctx.micro, ctx.micros = micro, k
                 with distributed.sharding(micro=micro, micros=k):
                     loss = loss + step_fn(ctx, to_device(part, device)) / k
@@ -372,6 +388,8 @@ def train(model: VLModel, task: str, train_data, config: TrainConfig | None = No
                 bar.set_postfix(loss=f"{state.losses[-1]:.4f}", **{k: f"{v:.3f}" for k, v in evaluate().items()})
             if config.save_every and state.step % config.save_every == 0:
                 checkpoint()
+            if state.step >= total and state.batch_in_epoch < len(range(0, last, config.batch_size)):
+                break                                   # max_steps mid-epoch: no end-of-epoch evaluation
         else:
             state.epoch += 1
             state.batch_in_epoch = 0
