@@ -341,3 +341,53 @@ def test_adapters_on_a_clip_model_loaded_from_a_saved_checkpoint(tmp_path):
         merge_adapters(hf)
         merged = hf.get_image_features(pixel_values=x, return_dict=True).pooler_output
     assert torch.allclose(merged, unmerged, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("use_ema,alpha", [(False, 1.0), (True, 0.5)])
+def test_baked_adapters_leave_a_plain_clip_with_the_adapted_outputs(use_ema, alpha):
+    """``bake_adapters`` folds each adapter in and removes the wrapper: the state dict has the original
+    keys again, and the outputs are the adapted model's inference outputs (EMA and α as asked)."""
+    from vlat.robust import bake_adapters
+
+    model = tiny_clip().eval()
+    keys = set(model.state_dict())
+    batch = make_batch("itc", n=4)
+    adapters = add_adapters(model, ema=0.5)
+    randomise(adapters)
+    for ad in adapters:
+        ad.update_ema()                       # W̃ = W / 2 after one update from zero
+        ad.use_ema, ad.alpha = use_ema, alpha
+    with torch.no_grad():
+        adapted = model(batch, "itc").logits
+    assert bake_adapters(model, use_ema=use_ema, alpha=alpha) == len(adapters)
+    assert not adapters_of(model) and set(model.state_dict()) == keys
+    with torch.no_grad():
+        baked = model(batch, "itc").logits
+    assert torch.allclose(baked, adapted, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="no R-Adapters"):
+        bake_adapters(model)
+
+
+def test_cli_trains_radapter_on_a_pretrained_clip_and_saves_a_plain_clip(tmp_path, capsys):
+    """``vlat train --radapter``: only adapters train (the backbone is the pretrained one up to the folded
+    adapters), and ``model.safetensors`` loads as an ordinary CLIP that ``vlat eval`` scores."""
+    from vlat.cli import main as vlat
+    from vlat.models import load_model
+    from vlat.world import load_tokenizer
+
+    start = tmp_path / "clip"
+    tiny_clip().save_pretrained(start, tokenizer=load_tokenizer())
+    out = tmp_path / "run"
+    rc = vlat(["train", "--model", "clip", "--pretrained", str(start), "--task", "classify", "--radapter",
+               "--adapter-ema", "0", "--train-size", "64", "--batch-size", "16", "--epochs", "1", "--lr", "1e-2",
+               "--eval-size", "32", "--device", "cpu", "--out", str(out), "--no-progress"])
+    printed = capsys.readouterr()
+    assert rc == 0, printed.err
+    assert "folded 4 R-Adapters" in printed.out
+    model = load_model(out / "model.safetensors")
+    zero = tiny_clip()
+    moved = [k for k, v in zero.state_dict().items() if not torch.equal(v, model.state_dict()[k])]
+    assert moved and all(k.endswith(("out_proj.weight", "out_proj.bias", "fc2.weight", "fc2.bias")) for k in moved)
+    assert vlat(["eval", "--checkpoint", str(out / "model.safetensors"), "--eval-size", "16", "--shifts", "none"]) == 0
+    assert vlat(["train", "--adapter-rank", "4", "--out", str(tmp_path / "x")]) == 2
+    assert "add --radapter" in capsys.readouterr().err

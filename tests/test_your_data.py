@@ -190,3 +190,53 @@ def test_train_clip_on_class_folders(method, objective, class_folders, tmp_path,
     printed = capsys.readouterr()
     assert rc == 0, printed.err
     assert "4 held-out examples" in printed.out and "accuracy" in printed.out
+
+
+@pytest.fixture(scope="module")
+def hf_classes(tmp_path_factory, class_folders):
+    """The class folders as a Hugging Face dataset (Image + ClassLabel), with train/test splits, saved to disk."""
+    datasets = pytest.importorskip("datasets", reason="dev extra vlat[data] not installed")
+    from PIL import Image
+
+    names = sorted(p.name for p in class_folders.iterdir())
+    files = [(f, k) for k, c in enumerate(names) for f in sorted((class_folders / c).iterdir())]
+    features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=names)})
+    full = datasets.Dataset.from_dict({"img": [Image.open(f).convert("RGB") for f, _ in files],
+                                       "label": [k for _, k in files]}, features=features)
+    root = tmp_path_factory.mktemp("hf_classes")
+    datasets.DatasetDict({"train": full.select([i for i in range(48) if i % 12 < 10]),
+                          "test": full.select([i for i in range(48) if i % 12 >= 10])}).save_to_disk(root / "split")
+    full.rename_column("label", "y").cast_column("y", datasets.Value("int64")).save_to_disk(root / "plain")
+    return root, names
+
+
+def test_a_datasets_source_of_classes_reads_balanced_classes_and_its_test_split(hf_classes):
+    from vlat.world.hub import hub_classes
+
+    root, names = hf_classes
+    train, test = hub_classes(str(root / "split"), limit=16)           # 4 classes: the first 4 of each
+    assert train.class_names == names and train.class_texts[0] == "a photo of a " + names[0].replace("_", " ")
+    assert sorted(train.labels) == [k for k in range(4) for _ in range(4)]
+    assert sorted(test.labels) == [0, 1, 2, 3]                         # a tenth as many per class, at least one
+    assert train.images.shape[1:] == (3, 64, 64)
+    plain, held = hub_classes(str(root / "plain"), label_column="y", limit=48, seed=0)
+    assert plain.class_names == ["0", "1", "2", "3"] and len(plain) + len(held) == 48
+    with pytest.raises(ValueError, match="no label column"):
+        hub_classes(str(root / "plain"))
+    with pytest.raises(ValueError, match="no label column nope"):
+        hub_classes(str(root / "split"), label_column="nope")
+
+
+def test_train_radapter_on_a_pretrained_clip_from_a_datasets_source_of_classes(hf_classes, pretrained_clip, tmp_path,
+                                                                               capsys):
+    """The Colab journey offline: a pretrained CLIP, a labelled image dataset, R-Adapter with FreeLB."""
+    root, _ = hf_classes
+    out = tmp_path / "run"
+    rc = vlat(["train", "--model", "clip", "--pretrained", str(pretrained_clip), "--data", f"hf:{root / 'split'}",
+               "--task", "classify", "--radapter", "--adapter-ema", "0.9", "--method", "freelb", "--epochs", "1",
+               "--batch-size", "8", "--workers", "1", "--grad-checkpointing", "--device", "cpu", "--out", str(out),
+               "--no-progress"])
+    printed = capsys.readouterr()
+    assert rc == 0, printed.err
+    assert "folded 4 R-Adapters" in printed.out and "8 held-out examples" in printed.out
+    assert load_model(out / "model.safetensors").config.pretrained == str(pretrained_clip)

@@ -77,14 +77,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "captions.jsonl (the format of vlat.world.folder), a folder with one sub-folder of images "
                         "per class (task classify, clip; prompts 'a photo of a CLASS'), or hf:NAME[:SPLIT] for a "
                         "Hugging Face dataset (a Hub id, or a folder written by save_to_disk; needs pip install "
-                        "'vlat[data]'; "
-                        "at most --train-size pairs are read). Marked train/test splits are used so; otherwise 10 %% "
-                        "of the pairs are held out for the final retrieval score. Tasks: itc (clip, albef) and "
-                        "pretrain (albef)")
+                        "'vlat[data]'; at most --train-size pairs are read; with --task classify its labelled images, "
+                        "balanced over the classes). Marked train/test splits are used so; otherwise 10 %% of the "
+                        "pairs are held out for the final score. Tasks: itc (clip, albef) and pretrain (albef) on "
+                        "pairs, classify (clip) on classes")
     t.add_argument("--image-column", default=None, help="with --data hf:...: the image column (default: the Image one)")
     t.add_argument("--caption-column", default=None,
                    help="with --data hf:...: the caption column (default: caption, captions, text, sentences or "
                         "sentence)")
+    t.add_argument("--label-column", default=None,
+                   help="with --data hf:... and --task classify: the class column (default: the ClassLabel one)")
     t.add_argument("--preset", default="tiny", help="size preset: tiny (about a minute on CPU), nano (seconds), "
                    "base (single_stream, GPU)")
     t.add_argument("--task", default=None, choices=TASKS,
@@ -110,6 +112,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="itc only: add a minimally wrong caption of each image to the contrastive softmax (NegCLIP)")
     t.add_argument("--amp", default="auto", choices=["auto", "off", "bf16", "fp16"],
                    help="mixed precision: auto = bf16 (fp16 if unsupported) on CUDA, off on CPU")
+    t.add_argument("--radapter", action="store_true",
+                   help="clip: robust fine-tuning with R-Adapter (Kim et al. 2024): freeze the model, train adapters "
+                        "after every attention output and FFN (with dropping and a weight EMA), then fold them in; "
+                        "model.safetensors is a plain CLIP. Pairs well with --objective mpm_nce and --lr 1e-4")
+    t.add_argument("--adapter-rank", type=int, default=None,
+                   help="with --radapter: rank of each adapter (default: full rank, as in the paper)")
+    t.add_argument("--adapter-ema", type=float, default=0.999,
+                   help="with --radapter: momentum of the adapters' weight EMA, which the saved model uses (0: the "
+                        "last weights; an EMA needs well over 1/(1-m) steps to catch up: 1,000 at 0.999)")
+    t.add_argument("--adapter-alpha", type=float, default=1.0,
+                   help="with --radapter: the weight-space ensemble's alpha when folding in (0: the model you "
+                        "started from, 1: fully fine-tuned; the paper's WiSE-style trade-off)")
+    t.add_argument("--workers", type=int, default=0,
+                   help="DataLoader worker processes that load and collate batches ahead of the GPU, into pinned "
+                        "memory (0: in the training process; 2-4 suit a Colab GPU with your own images)")
+    t.add_argument("--grad-checkpointing", action="store_true",
+                   help="recompute transformer activations in the backward: less memory for a larger batch, "
+                        "about a third more time per step; the same gradients")
     t.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (smoke runs)")
     t.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: at each epoch end)")
     t.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: at each epoch end)")
@@ -244,6 +264,12 @@ def cmd_train(a) -> int:
             raise ValueError(f"--gather-negatives is for contrastive training of clip (task itc); got {a.model}, "
                              f"task {task}")
         model.config.gather_negatives = True
+    if a.radapter:
+        if a.model != "clip":
+            raise ValueError(f"--radapter adapts a CLIP (--model clip); got --model {a.model}")
+        from vlat.robust import add_adapters
+
+        add_adapters(model, rank=a.adapter_rank, ema=a.adapter_ema)
     if a.hard_negatives and not (model.hard_negatives and task == "itc"):
         raise ValueError(f"--hard-negatives is for contrastive training of a model that uses them (clip, task itc); "
                          f"got {a.model}, task {task}")
@@ -264,7 +290,9 @@ def cmd_train(a) -> int:
                       warmup_frac=a.warmup, grad_clip=a.grad_clip, seed=a.seed, eval_every=a.eval_every,
                       save_every=a.save_every, amp=a.amp, device=a.device, out_dir=a.out, max_steps=a.max_steps,
                       progress=not a.no_progress, drop_last=model.full_batches, objective=a.objective,
-                      grad_accum=a.grad_accum)
+                      grad_accum=a.grad_accum, workers=a.workers)
+    if a.grad_checkpointing:
+        model.checkpoint_activations()
     metric = "TR@1" if eval_task == "itc" else "accuracy"
 
     def eval_fn(m):
@@ -277,6 +305,12 @@ def cmd_train(a) -> int:
     if not distributed.is_main():        # rank 0 writes the model and reports
         return 0
     out = Path(a.out)                    # train()'s last checkpoint refused non-finite weights already
+    if a.radapter:                       # fold the adapters in: the saved model is a plain CLIP
+        from vlat.robust import bake_adapters
+
+        n = bake_adapters(model.eval(), use_ema=a.adapter_ema > 0, alpha=a.adapter_alpha)
+        print(f"folded {n} R-Adapters into the model ({'EMA' if a.adapter_ema > 0 else 'last'} weights, "
+              f"alpha {a.adapter_alpha})")
     save_model(model, out / "model.safetensors", task=task, method=a.method, train_size=len(data),
                epochs=a.epochs, seed=a.seed, **({"data": str(a.data)} if a.data is not None else {}))
     print(f"trained {state.step} steps in {state.seconds:.1f} s ({state.skipped} skipped); saved {out / 'model.safetensors'}")
@@ -292,7 +326,8 @@ def cmd_train(a) -> int:
 
 
 PAIR_TASKS = (("itc", "clip"), ("itc", "albef"), ("pretrain", "albef"))
-DATA_TASKS = {"pairs": PAIR_TASKS, "hub": PAIR_TASKS, "classes": (("classify", "clip"),)}   # what --data can train
+DATA_TASKS = {"pairs": PAIR_TASKS, "hub": (*PAIR_TASKS, ("classify", "clip")),   # what --data can train
+              "classes": (("classify", "clip"),)}
 
 
 def data_kind(data: str) -> str:
@@ -312,6 +347,11 @@ def load_your_data(a, model):
     if kind == "classes":
         data, test = ClassFolderDataset(a.data, size).split(seed=a.seed)
         return data, test, lambda m, tok: {"accuracy": accuracy(m, test, "classify", tok)}
+    if kind == "hub" and a.task == "classify":
+        from vlat.world.hub import hub_classes
+
+        data, test = hub_classes(a.data[3:], size, a.image_column, a.label_column, limit=a.train_size, seed=a.seed)
+        return data, test, lambda m, tok: {"accuracy": accuracy(m, test, "classify", tok)} if test else {}
     if kind == "hub":
         from vlat.world.hub import hub_pairs
 
@@ -462,8 +502,15 @@ def check_train_args(a) -> None:
     for flag, v, lo, hi in (("--batch-size", a.batch_size, 1, 65_536), ("--epochs", a.epochs, 1, 100_000),
                             ("--train-size", a.train_size, 1, 10_000_000), ("--eval-size", a.eval_size, 1, 100_000),
                             ("--save-every", a.save_every, 0, 10**9), ("--eval-every", a.eval_every, 0, 10**9),
-                            ("--seed", a.seed, 0, 2**31 - 1), ("--grad-accum", a.grad_accum, 1, 1024)):
+                            ("--seed", a.seed, 0, 2**31 - 1), ("--grad-accum", a.grad_accum, 1, 1024),
+                            ("--workers", a.workers, 0, 64)):
         _in_range(flag, v, lo, hi, integer=True)
+    _in_range("--adapter-alpha", a.adapter_alpha, 0.0, 1.0)
+    _in_range("--adapter-ema", a.adapter_ema, 0.0, 0.999999)
+    if a.adapter_rank is not None:
+        _in_range("--adapter-rank", a.adapter_rank, 1, 65_536, integer=True)
+    if not a.radapter and (a.adapter_rank is not None or a.adapter_alpha != 1.0 or a.adapter_ema != 0.999):
+        raise ValueError("--adapter-rank, --adapter-ema and --adapter-alpha set R-Adapter up: add --radapter")
     if a.batch_size % a.grad_accum:
         raise ValueError(f"--batch-size {a.batch_size} does not split into --grad-accum {a.grad_accum} equal parts")
     if a.max_steps is not None:

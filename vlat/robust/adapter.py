@@ -205,10 +205,31 @@ def unmerge_adapters(model) -> None:
 
 
 @torch.no_grad()
+def bake_adapters(model, use_ema: bool = True, alpha: float = 1.0) -> int:
+    """Fold every R-Adapter into its layer and remove the wrapper: ``model`` becomes the plain architecture
+    it was before :func:`add_adapters` (the same state-dict keys, loadable anywhere, no extra cost), with
+    the inference weights of the adapted model (EMA copy when ``use_ema`` and the adapter kept one,
+    weight-space ensemble ``alpha``). Parameters stay frozen as they were. Returns how many were baked."""
+    count = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, RAdapter):
+                child.use_ema = use_ema and child.ema_momentum > 0
+                child.alpha = alpha
+                child.merge()
+                setattr(parent, name, child.linear)
+                count += 1
+    if not count:
+        raise ValueError("this model has no R-Adapters to bake (add_adapters adds them)")
+    return count
+
+
+@torch.no_grad()
 def wise_ft(zero_shot: nn.Module, fine_tuned: nn.Module, alpha: float) -> dict[str, torch.Tensor]:
     """WiSE-FT: the state dict ``(1 - α) θ₀ + α θ₁`` of two models with the same architecture
-    (floating tensors interpolated, integer buffers taken from the fine-tuned model)."""
+    (floating tensors interpolated, integer buffers taken from the fine-tuned model), on the fine-tuned
+    model's device whichever device the zero-shot model is on."""
     s0, s1 = zero_shot.state_dict(), fine_tuned.state_dict()
     if s0.keys() != s1.keys():
         raise ValueError("WiSE-FT needs two models with the same parameters")
-    return {k: ((1 - alpha) * s0[k] + alpha * v) if v.is_floating_point() else v.clone() for k, v in s1.items()}
+    return {k: ((1 - alpha) * s0[k].to(v.device) + alpha * v) if v.is_floating_point() else v.clone() for k, v in s1.items()}

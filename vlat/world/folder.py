@@ -172,6 +172,19 @@ class ClassFolderDataset(Dataset):
         self.labels = [k for _, k in files]
         self.files = [f for f, _ in files]
 
+    @classmethod
+    def from_images(cls, images: torch.Tensor, labels: list[int], class_names: list[str],
+                    template: str = "a photo of a {}", root: str = "memory") -> "ClassFolderDataset":
+        """Classes held in memory (``images`` ``[N, 3, H, W]`` uint8 or float, a label per image), e.g. from
+        a Hugging Face dataset (:func:`vlat.world.hub.hub_classes`)."""
+        if len(images) != len(labels) or not len(labels):
+            raise ValueError(f"{len(images)} images and {len(labels)} labels: one label per image, at least one")
+        out = object.__new__(cls)
+        out.root, out.class_names = Path(root), list(class_names)
+        out.class_texts = [template.format(c.replace("_", " ")) for c in out.class_names]
+        out.images, out.labels, out.files = images, [int(y) for y in labels], [f"{root}#{i}" for i in range(len(labels))]
+        return out
+
     def __len__(self) -> int:
         return len(self.labels)
 
