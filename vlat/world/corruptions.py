@@ -81,12 +81,17 @@ def corrupt(images: torch.Tensor, name: str, severity: int, seed: int = 0) -> to
 
 
 def corrupted(dataset, name: str, severity: int, seed: int = 0):
-    """A shallow copy of a :class:`~vlat.world.WorldDataset` whose images carry the corruption (scenes,
-    captions and labels shared with ``dataset``)."""
+    """A shallow copy of a dataset with an ``images`` tensor (a :class:`~vlat.world.WorldDataset`, a class
+    folder) whose images carry the corruption (scenes, captions and labels shared with ``dataset``). Float
+    images in [0, 1] are corrupted at 8 bits and come back as floats."""
     import copy
 
     out = copy.copy(dataset)
-    out.images = corrupt(dataset.images, name, severity, seed)
+    images = dataset.images
+    if images.dtype == torch.uint8:
+        out.images = corrupt(images, name, severity, seed)
+    else:
+        out.images = corrupt((images.clamp(0, 1) * 255).round().to(torch.uint8), name, severity, seed).float() / 255.0
     return out
 
 

@@ -175,8 +175,8 @@ class ClassFolderDataset(Dataset):
     @classmethod
     def from_images(cls, images: torch.Tensor, labels: list[int], class_names: list[str],
                     template: str = "a photo of a {}", root: str = "memory") -> "ClassFolderDataset":
-        """Classes held in memory (``images`` ``[N, 3, H, W]`` uint8 or float, a label per image), e.g. from
-        a Hugging Face dataset (:func:`vlat.world.hub.hub_classes`)."""
+        """Classes held in memory (``images`` ``[N, 3, H, W]``, uint8 or float in [0, 1], a label per image),
+        e.g. from a Hugging Face dataset (:func:`vlat.world.hub.hub_classes`); items are float either way."""
         if len(images) != len(labels) or not len(labels):
             raise ValueError(f"{len(images)} images and {len(labels)} labels: one label per image, at least one")
         out = object.__new__(cls)
@@ -189,7 +189,8 @@ class ClassFolderDataset(Dataset):
         return len(self.labels)
 
     def __getitem__(self, i: int) -> dict:
-        return {"pixel_values": self.images[i], "label": self.labels[i], "index": i}
+        x = self.images[i]
+        return {"pixel_values": x.float() / 255.0 if x.dtype == torch.uint8 else x, "label": self.labels[i], "index": i}
 
     def subset(self, indices) -> "ClassFolderDataset":
         out = object.__new__(ClassFolderDataset)
