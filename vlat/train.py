@@ -166,7 +166,8 @@ class StepContext:
         params = [p for p in self.model.parameters() if p.grad is not None]
         clip = self.config.grad_clip if self.config.grad_clip > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(params, clip) if params else torch.zeros(())
-        finite = bool(torch.isfinite(norm)) and (loss is None or bool(torch.isfinite(loss.detach())))
+        ok = torch.isfinite(norm) if loss is None else torch.isfinite(norm) & torch.isfinite(loss.detach()).all()
+        finite = bool(ok)                # the step's one host sync (two before: a GPU idles at each)
         finite = distributed.all_finite(finite)
         if not finite and self.scaler is None:
             self.optimizer.zero_grad(set_to_none=True)
