@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import json
 import os
+import queue
 import sys
 import threading
 from collections import OrderedDict
@@ -32,7 +33,7 @@ import gradio as gr  # noqa: E402
 
 from vlat.explain.pair import (MAX_EPS, MAX_STEPS, MODALITIES, explore, explorer_methods, load_image,  # noqa: E402
                                steps_help)
-from vlat.explain.views import all_figures  # noqa: E402
+from vlat.explain.views import all_figures, comparison_figure, setting  # noqa: E402
 from vlat.resources import checkpoint, sample_pairs, samples_dir  # noqa: E402
 
 SAMPLES = samples_dir()
@@ -46,6 +47,8 @@ MAX_UPLOAD_BYTES = 20 * 2**20    # larger uploads are refused (and deleted): the
 CACHE_SIZE = 4                   # models kept loaded at once (the least recently used one goes first)
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 PANELS = ("perturbation", "tokens", "attention", "confidence", "attribution")
+PHASES = {"model": "loading the model", "attack": "attacking", "attention": "reading the attention",
+          "attributions": "integrated gradients", "figures": "drawing the figures"}
 GALLERY_SIZE = 24
 
 INTRO = """# vlat explorer
@@ -62,6 +65,14 @@ TRY = """**What to try**
 - FGSM (one step) against PGD (many) at the same ε: the KL bars show how much further PGD gets.
 - FreeLB and VILLA use the attack for training, not to break the model: compare their KL with PGD's.
 - *pixels* keeps the image a valid picture (values in [0, 1]): look at δ magnified.
+- **Compare** (below the panels): FGSM against PGD, or FreeLB against VILLA, or one method at two ε, on
+  the same pair.
+"""
+
+COMPARE = """### Compare two settings on this pair
+Setting A is the one above (method, perturb, ε, steps). Choose B and press **Compare**: where each δ went,
+the prediction under each, and each one's objective per ascent step (one point for a one-step method).
+Attributions are skipped here to keep it quick.
 """
 
 PANEL_TITLES = {"perturbation": "where δ went in the image", "tokens": "where δ went in the caption",
@@ -200,18 +211,47 @@ def build_app(pairs: list[tuple[str, str]] | None = None, allow=()) -> gr.Blocks
             return None, None, ""
         return upload_status(file if isinstance(file, str) else getattr(file, "name", str(file)))
 
+    def in_phases(work, n_outputs: int):
+        """Run ``work(phase)`` in a thread and yield a progress line per phase it reports (the other
+        outputs unchanged), then its result; an error becomes a message, never a traceback."""
+        phases, box = queue.Queue(), {}
+
+        def target():
+            try:
+                box["out"] = work(phases.put)
+            except ValueError as e:
+                box["error"] = f"⚠️ {e}"
+            except Exception as e:  # never a traceback in the page
+                box["error"] = f"⚠️ something went wrong: {type(e).__name__}: {str(e)[:200]}"
+            finally:
+                phases.put(None)
+
+        threading.Thread(target=target, daemon=True).start()
+        done = []
+        while (phase := phases.get()) is not None:
+            done.append(PHASES.get(phase, phase))
+            yield [f"⏳ {' → '.join(done)} ...", *[gr.skip()] * (n_outputs - 1)]
+        if "error" in box:
+            yield [box["error"], *[None] * (n_outputs - 2), {}]
+        else:
+            yield box["out"]
+
     def run(image, caption, model_choice, hub_id, method, modality, eps, steps, step_size):
-        """Perturb one pair; returns the status line, the five figures and the numbers as JSON."""
-        empty = [None] * len(PANELS)
-        try:
-            model, tok = cache.get(model_choice, hub_id or "")
-            ex = explore(model, tok, image, caption, method, modality, float(eps) if eps is not None else eps,
-                         int(steps) if steps is not None else steps, float(step_size) if step_size else None)
-            figs = all_figures(ex)
-        except ValueError as e:
-            return [f"⚠️ {e}", *empty, {}]
-        except Exception as e:  # never a traceback in the page
-            return [f"⚠️ something went wrong: {type(e).__name__}: {str(e)[:200]}", *empty, {}]
+        """Perturb one pair; yields progress by phase, then the status line, the five figures and the
+        numbers as JSON."""
+        yield from in_phases(lambda phase: perturb(phase, image, caption, model_choice, hub_id, method, modality,
+                                                   eps, steps, step_size), len(PANELS) + 2)
+
+    def settings(eps, steps, step_size):
+        return (float(eps) if eps is not None else eps, int(steps) if steps is not None else steps,
+                float(step_size) if step_size else None)
+
+    def perturb(phase, image, caption, model_choice, hub_id, method, modality, eps, steps, step_size):
+        phase("model")
+        model, tok = cache.get(model_choice, hub_id or "")
+        ex = explore(model, tok, image, caption, method, modality, *settings(eps, steps, step_size), on_phase=phase)
+        phase("figures")
+        figs = all_figures(ex)
         numbers = {"prediction": dict(zip(("clean", "attacked"), ex.prediction)),
                    "probs_clean": [round(float(p), 4) for p in ex.probs_clean],
                    "probs_attacked": [round(float(p), 4) for p in ex.probs_adv],
@@ -220,6 +260,25 @@ def build_app(pairs: list[tuple[str, str]] | None = None, allow=()) -> gr.Blocks
                    "seconds": {k: round(v, 3) for k, v in ex.seconds.items()}}
         status = f"{ex.summary()} · {ex.seconds['total']:.2f} s"
         return [status, *[figs[p] for p in PANELS], numbers]
+
+    def compare(image, caption, model_choice, hub_id, method, modality, eps, steps, step_size, method_b,
+                modality_b, eps_b):
+        """Setting A (the main controls) and setting B on the same pair: one comparison figure."""
+        def work(phase):
+            phase("model")
+            model, tok = cache.get(model_choice, hub_id or "")
+            a = explore(model, tok, image, caption, method, modality, *settings(eps, steps, step_size),
+                        attributions=False, on_phase=phase)
+            b = explore(model, tok, image, caption, method_b, modality_b, *settings(eps_b, steps, step_size),
+                        attributions=False, on_phase=phase)
+            phase("figures")
+            status = (f"**A** ({setting(a)}): {a.summary()}  \n**B** ({setting(b)}): {b.summary()}  \n"
+                      f"symmetric KL: A {a.kl['symmetric KL']:.3f}, B {b.kl['symmetric KL']:.3f}")
+            numbers = {"A": {"setting": setting(a), "kl": a.kl, "losses": a.losses},
+                       "B": {"setting": setting(b), "kl": b.kl, "losses": b.losses}}
+            return [status, comparison_figure(a, b), numbers]
+
+        yield from in_phases(work, 3)
 
     first_image, first_caption = pairs[0] if pairs else (None, "")   # the page opens on the first pair
     # uploads (and Gradio's other cached files) older than an hour are deleted, checked every hour
@@ -239,11 +298,11 @@ def build_app(pairs: list[tuple[str, str]] | None = None, allow=()) -> gr.Blocks
                 caption = gr.Textbox(value=first_caption, label="caption", max_length=300, elem_id="caption",
                                      placeholder="a red circle left of a blue square")
         with gr.Row():
-            model_choice = gr.Dropdown([*MODELS, HUB_CHOICE], value=next(iter(MODELS)), label="model")
+            model_choice = gr.Dropdown([*MODELS, HUB_CHOICE], value=next(iter(MODELS)), label="model", elem_id="model")
             hub_id = gr.Textbox(label="Hugging Face id or folder (online / local only)",
                                 placeholder="openai/clip-vit-base-patch32")
             method = gr.Dropdown(list(explorer_methods()), value="PGD", label="method", elem_id="method")
-            modality = gr.Radio(list(MODALITIES), value="image", label="perturb")
+            modality = gr.Radio(list(MODALITIES), value="image", label="perturb", elem_id="modality")
         with gr.Row():
             eps = gr.Slider(0.01, MAX_EPS, value=0.1, step=0.01, label="ε (fraction of the input's norm)",
                             elem_id="eps")
@@ -254,9 +313,11 @@ def build_app(pairs: list[tuple[str, str]] | None = None, allow=()) -> gr.Blocks
         status = gr.Markdown(elem_id="status")
 
         def panel(name: str) -> gr.Plot:
-            """A figure with its explanation under it."""
+            """A figure under its title (a heading, not Gradio's label, which covers the plot's own titles),
+            with its explanation under it."""
             with gr.Column():
-                plot = gr.Plot(label=PANEL_TITLES[name], elem_id=f"plot-{name}")
+                gr.Markdown(f"#### {PANEL_TITLES[name]}", elem_id=f"title-{name}")
+                plot = gr.Plot(show_label=False, elem_id=f"plot-{name}")
                 gr.Markdown(EXPLAIN[name], elem_id=f"explain-{name}")
             return plot
 
@@ -267,6 +328,15 @@ def build_app(pairs: list[tuple[str, str]] | None = None, allow=()) -> gr.Blocks
         attribution = panel("attribution")
         gr.Markdown(TRY, elem_id="what-to-try")
         numbers = gr.JSON(label="numbers", elem_id="numbers")
+        gr.Markdown(COMPARE, elem_id="compare-intro")
+        with gr.Row():
+            method_b = gr.Dropdown(list(explorer_methods()), value="FGSM", label="method B", elem_id="method-b")
+            modality_b = gr.Radio(list(MODALITIES), value="image", label="perturb (B)", elem_id="modality-b")
+            eps_b = gr.Slider(0.01, MAX_EPS, value=0.1, step=0.01, label="ε (B)", elem_id="eps-b")
+            compare_go = gr.Button("Compare", variant="secondary", elem_id="compare")
+        compare_status = gr.Markdown(elem_id="compare-status")
+        compare_plot = gr.Plot(show_label=False, elem_id="plot-compare")
+        compare_numbers = gr.JSON(label="numbers (A and B)", visible=False)
 
         gallery.select(on_select, None, [preview, image, caption, status], api_visibility="private")
         upload_box.upload(upload, upload_box, [preview, image, status], api_name="upload")
@@ -278,6 +348,12 @@ def build_app(pairs: list[tuple[str, str]] | None = None, allow=()) -> gr.Blocks
                   [status, perturbation, tokens, attention, confidence, attribution, numbers], api_name="explore",
                   scroll_to_output=True, show_progress="minimal").then(
             lambda: gr.update(interactive=True, value="Perturb"), None, go, queue=False)
+        busy_b = compare_go.click(lambda: gr.update(interactive=False, value="Comparing ..."), None, compare_go,
+                                  queue=False)
+        busy_b.then(compare, [image, caption, model_choice, hub_id, method, modality, eps, steps, step_size, method_b,
+                              modality_b, eps_b], [compare_status, compare_plot, compare_numbers], api_name="compare",
+                    scroll_to_output=True, show_progress="minimal").then(
+            lambda: gr.update(interactive=True, value="Compare"), None, compare_go, queue=False)
     return app
 
 

@@ -1,7 +1,10 @@
 """Time one explorer interaction: PGD-10 on one pair with every panel (attack, prediction, attention,
 captum attributions and the five plotly figures), for each shipped tiny model.
 
-    python benchmarks/explorer_speed.py            # median of 10 runs per model; target < 1 s on CPU
+    python benchmarks/explorer_speed.py            # median of 10 runs per model; target < 0.5 s on CPU
+
+Run it on an otherwise idle machine: the target is for one interaction on 2 CPU cores, and a second job
+on the same cores (a test suite) doubles the times.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from vlat.explain.views import all_figures  # noqa: E402
 from vlat.models import load_model, model_tokenizer  # noqa: E402
 from vlat.resources import checkpoint, sample_pairs  # noqa: E402
 
+TARGET = 0.5   # seconds per interaction (issue 20)
 CHECKPOINTS = {"single-stream tiny": "single_stream_tiny_itm", "CLIP tiny": "clip_tiny_itc",
                "ALBEF tiny": "albef_tiny_pretrain"}
 
@@ -50,7 +54,7 @@ def main(argv=None) -> None:
             rows.append((end - t, ex.seconds["attack"], ex.seconds["attributions"], end - t_fig))
         med = [statistics.median(r[i] for r in rows) for i in range(4)]
         print(f"| {label} | {med[0]:.3f} | {med[1]:.3f} | {med[2]:.3f} | {med[3]:.3f} | "
-              f"{'ok' if med[0] < 1 else 'OVER'} (< 1 s) |")
+              f"{'ok' if med[0] < TARGET else 'OVER'} (< {TARGET} s) |")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """The Gradio explorer, launched on 127.0.0.1: every endpoint through gradio_client, the bad inputs,
 8 concurrent requests, and one journey in a real browser (Debian's chromium driven by Playwright).
 
-``VLAT_SCREENSHOT=docs/explorer.png pytest tests/test_app.py`` also writes the README's screenshot.
+``VLAT_SCREENSHOT=docs pytest tests/test_app.py`` also writes the README's screenshots (the page, the comparison).
 """
 
 import os
@@ -17,7 +17,7 @@ from PIL import Image
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 ROOT = Path(__file__).resolve().parents[1]
 
-from vlat.apps.explorer import MODELS, gallery_pairs, launch  # noqa: E402
+from vlat.apps.explorer import MODELS, PANELS, gallery_pairs, launch  # noqa: E402
 
 SS = next(iter(MODELS))                                # the single-stream model's menu entry
 CLIP = list(MODELS)[1]
@@ -56,7 +56,7 @@ def explore(client, image, caption="a red circle", model=SS, method="PGD", modal
 
 def test_endpoints_are_named(client):
     names = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
-    assert {"/pair", "/upload", "/explore"} <= names
+    assert {"/pair", "/upload", "/explore", "/compare"} <= names
 
 
 def test_pair_returns_a_gallery_image_and_its_caption(client):
@@ -88,6 +88,29 @@ def test_explore_answers_with_every_panel(client, model):
     assert numbers["kl"]["symmetric KL"] >= 0 and len(numbers["losses"]) == 10
     if model == CLIP:
         assert numbers["outcomes"][0] == caption and len(numbers["outcomes"]) == 25
+
+
+@pytest.mark.parametrize("model", [SS, CLIP])
+def test_compare_runs_two_settings_on_the_same_pair(client, model):
+    """A = the main controls (PGD-10), B = FGSM at another ε: both reported, PGD's objective climbs over its 10
+    steps, FGSM's has its one point; the same pair at the same ε twice gives the same numbers (A and B agree)."""
+    from gradio_client import handle_file
+
+    image, caption = gallery_pairs()[2]
+
+    def compare(method_b, eps_b):
+        return client.predict(handle_file(str(image)), caption, model, "", "PGD", "both", 0.1, 10, 0, method_b, "both",
+                              eps_b, api_name="/compare")
+
+    status, plot, numbers = compare("FGSM", 0.2)
+    assert not status.startswith("⚠️"), status
+    assert plot is not None and "PGD both ε=0.1" in status and "FGSM both ε=0.2" in status
+    assert len(numbers["A"]["losses"]) == 10 and len(numbers["B"]["losses"]) == 1
+    same = compare("PGD", 0.1)[2]
+    assert same["A"]["kl"] == pytest.approx(same["B"]["kl"], rel=1e-5)
+    status, plot, _ = client.predict(handle_file(str(image)), "", model, "", "PGD", "both", 0.1, 10, 0, "FGSM",
+                                     "both", 0.1, api_name="/compare")   # no caption: a message, no figure
+    assert status.startswith("⚠️") and plot is None and "Traceback" not in status
 
 
 def test_upload_accepts_grayscale_and_rgba(client, tmp_path):
@@ -155,44 +178,106 @@ def test_concurrent_requests_are_all_answered_correctly(client, server):
         assert np.allclose(t["probs_attacked"], a["probs_attacked"], atol=1e-4)
 
 
-def test_a_person_in_a_browser_runs_pgd_and_sees_the_panels(server, tmp_path):
-    """Open the page in chromium, pick a gallery pair, run PGD, and see the heat map and the KL chart."""
+OVERLAPS = """(sel) => {
+    // every pair of visible text boxes in the figure's SVG that overlap by more than 2 px each way
+    const root = document.querySelector(sel);
+    const boxes = [...root.querySelectorAll('svg.main-svg text, svg.main-svg .infolayer text')]
+        .filter((t) => t.textContent.trim() && !t.closest('.hoverlayer'))
+        .map((t) => [t.textContent.trim(), t.getBoundingClientRect()])
+        .filter(([, r]) => r.width > 0 && r.height > 0);
+    const bad = [];
+    for (let i = 0; i < boxes.length; i++)
+        for (let j = i + 1; j < boxes.length; j++) {
+            const [a, ra] = boxes[i], [b, rb] = boxes[j];
+            const w = Math.min(ra.right, rb.right) - Math.max(ra.left, rb.left);
+            const h = Math.min(ra.bottom, rb.bottom) - Math.max(ra.top, rb.top);
+            if (w > 2 && h > 2) bad.push(`${a} / ${b}`);
+        }
+    return bad;
+}"""
+
+
+def browser_or_skip():
     if not Path(CHROMIUM).exists():
         message = f"{CHROMIUM} is missing: install Debian's chromium (apt-get install chromium); .ci/run does"
         if os.environ.get("VLAT_REQUIRE_BROWSER") == "1":     # .ci/run: the browser test must run
             pytest.fail(message)
         pytest.skip(message)
+
+
+def choose(page, dropdown: str, option: str) -> None:
+    page.locator(dropdown).click()
+    page.get_by_role("option", name=option, exact=True).click()
+
+
+def test_a_person_in_a_browser_runs_every_model_family_and_compares_two_methods(server, tmp_path):
+    """In chromium at 1280 px: pick a pair, run PGD on both modalities with each shipped model; see progress by
+    phase, every panel explained, no text in a figure overlapping other text, the caption in full; then compare
+    FGSM with PGD; then the same figures on a phone-sized screen."""
+    browser_or_skip()
     from playwright.sync_api import sync_playwright
 
-    shot = tmp_path / "explorer.png"
+    shots = {"explorer.png": tmp_path / "explorer.png", "explorer-compare.png": tmp_path / "explorer-compare.png"}
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
                                     args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
-        page = browser.new_page(viewport={"width": 1400, "height": 1700})
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
         page.goto(server, wait_until="networkidle")
         caption = page.locator("#caption textarea")
         assert caption.input_value() == gallery_pairs()[0][1]          # the page opens on the first pair
         page.get_by_label("Thumbnail 3 of 24").click()                 # the third pair
-        page.wait_for_function("(c) => document.querySelector('#caption textarea').value === c", arg=gallery_pairs()[2][1])
-        page.locator("#method").click()
-        page.get_by_role("option", name="PGD", exact=True).click()
-        page.get_by_label("both").check()
-        page.locator("#run").click()
-        page.wait_for_function("() => (document.querySelector('#status')?.innerText || '').includes('PGD on both')",
-                               timeout=60_000)
-        for panel in ("perturbation", "attention", "confidence", "attribution", "tokens"):
-            page.locator(f"#plot-{panel} .js-plotly-plot").first.wait_for(timeout=30_000)
-        assert page.locator("#plot-perturbation .heatmaplayer, #plot-perturbation g.hm").count() >= 1
-        kl_text = page.locator("#plot-confidence").inner_text()
-        assert "KL(p‖p_adv)" in kl_text and "symmetric" in kl_text
-        for panel in ("perturbation", "tokens", "attention", "confidence", "attribution"):   # each explained
-            assert len(page.locator(f"#explain-{panel}").inner_text()) > 40
+        text = gallery_pairs()[2][1]
+        page.wait_for_function("(c) => document.querySelector('#caption textarea').value === c", arg=text)
+        page.evaluate("""() => { window.seen = [];            // every status line shown, however briefly
+            new MutationObserver(() => window.seen.push(document.querySelector('#status').innerText))
+                .observe(document.querySelector('#status'), {subtree: true, childList: true, characterData: true}); }""")
+        choose(page, "#method", "PGD")
+        page.locator("#modality").get_by_label("both").check()
+        for family, model in (("single-stream", SS), ("CLIP", CLIP), ("ALBEF", ALBEF)):
+            choose(page, "#model", model)
+            page.evaluate("() => { window.seen = []; }")
+            page.locator("#run").click()
+            page.wait_for_function("""() => window.seen.some((s) => s.includes('⏳')) && (() => {
+                const s = document.querySelector('#status')?.innerText || '';
+                return s.includes('PGD on both') && !s.includes('⏳'); })()""", timeout=60_000)
+            seen = page.evaluate("() => window.seen")
+            assert any("⏳" in s and "attacking" in s for s in seen), (family, seen)        # progress by phase
+            for panel in PANELS:
+                page.locator(f"#plot-{panel} .js-plotly-plot").first.wait_for(timeout=30_000)
+                assert len(page.locator(f"#explain-{panel}").inner_text()) > 40
+                assert page.locator(f"#title-{panel}").inner_text().strip()
+                overlaps = page.evaluate(OVERLAPS, f"#plot-{panel}")
+                assert not overlaps, (family, panel, overlaps)
+            assert page.locator("#plot-perturbation .heatmaplayer, #plot-perturbation g.hm").count() >= 1
+            labels = page.locator("#plot-confidence").inner_text()
+            assert "KL(p‖p_adv)" in labels and "symmetric" in labels
+            if family == "CLIP":                                        # the caption is an outcome: shown whole
+                assert "".join(text.split()) in "".join(labels.split()) and "…" not in labels, labels
+            page.wait_for_function("() => !document.querySelector('#run').disabled", timeout=10_000)
+            assert page.locator("#run").inner_text().strip() == "Perturb"     # enabled again, its label back
+            if family == "single-stream":
+                page.screenshot(path=str(shots["explorer.png"]), full_page=True)
         assert "What to try" in page.locator("#what-to-try").inner_text()
-        page.wait_for_function("() => !document.querySelector('#run').disabled", timeout=10_000)
-        assert page.locator("#run").inner_text().strip() == "Perturb"     # enabled again, its label back
+
+        choose(page, "#method-b", "FGSM")                               # compare: A = PGD (above), B = FGSM
+        page.locator("#modality-b").get_by_label("both").check()
+        page.locator("#compare").click()
+        page.wait_for_function("() => (document.querySelector('#compare-status')?.innerText || '').includes('FGSM')",
+                               timeout=60_000)
+        status = page.locator("#compare-status").inner_text()
+        assert "PGD both" in status and "FGSM both" in status and "symmetric KL" in status
+        page.locator("#plot-compare .js-plotly-plot").first.wait_for(timeout=30_000)
+        assert page.locator("#plot-compare g.hm, #plot-compare .heatmaplayer").count() >= 1
+        assert not page.evaluate(OVERLAPS, "#plot-compare")
+        page.locator("#plot-compare").screenshot(path=str(shots["explorer-compare.png"]))
+
+        page.set_viewport_size({"width": 390, "height": 844})          # a phone
+        page.wait_for_timeout(1500)                                     # plotly re-lays out to the new width
+        for panel in ("tokens", "confidence", "attribution", "compare"):
+            assert not page.evaluate(OVERLAPS, f"#plot-{panel}"), panel
         assert "Traceback" not in page.content()
-        page.screenshot(path=str(shot), full_page=True)
         browser.close()
-    assert shot.stat().st_size > 20_000
-    if os.environ.get("VLAT_SCREENSHOT"):
-        shutil.copy(shot, ROOT / os.environ["VLAT_SCREENSHOT"])
+    assert all(s.stat().st_size > 20_000 for s in shots.values())
+    if os.environ.get("VLAT_SCREENSHOT"):                           # a folder: docs/
+        for name, shot in shots.items():
+            shutil.copy(shot, ROOT / os.environ["VLAT_SCREENSHOT"] / name)

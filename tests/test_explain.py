@@ -154,6 +154,32 @@ def test_every_view_is_a_plotly_figure(model_tok, scene_png):
     assert set(figs) == {"perturbation", "tokens", "attention", "confidence", "attribution"}
     assert all(isinstance(f, go.Figure) for f in figs.values())
     assert len(figs["perturbation"].data) == 4                        # image, heat map, δ magnified, x + δ
-    kl_bars = [t for t in figs["confidence"].data if list(t.x)[0].startswith("KL")][0]
-    assert list(kl_bars.y) == pytest.approx(list(ex.kl.values()))
+    kl_bars = [t for t in figs["confidence"].data if list(t.y)[0].startswith("KL")][0]
+    assert list(kl_bars.x) == pytest.approx(list(ex.kl.values()))
+    from vlat.explain import token_bars
+
+    assert list(token_bars(["a", "red", "a"], [1, 2, 3]).data[0].y) == ["0. a", "1. red", "2. a"]   # reading order
+
+
+def test_long_captions_are_wrapped_never_cut():
+    from vlat.explain.views import wrap
+
+    text = "a purple circle left of a red circle and a tiny blue square above them"
+    assert wrap(text).replace("<br>", " ") == text
+    assert all(len(line) <= 22 for line in wrap(text).split("<br>"))
+    assert wrap("supercalifragilisticexpialidocious word") == "supercalifragilisticexpialidocious<br>word"
+
+
+def test_comparison_figure_puts_both_settings_side_by_side(model_tok, scene_png):
+    from vlat.explain.views import comparison_figure
+
+    model, tok = model_tok
+    a = explore(model, tok, scene_png, "a red circle", "PGD", "both", eps=0.1, steps=3, attributions=False)
+    b = explore(model, tok, scene_png, "a red circle", "FGSM", "text", eps=0.2, steps=3, attributions=False)
+    fig = comparison_figure(a, b)
+    names = [t.name for t in fig.data if t.name]
+    assert "A: PGD both ε=0.1" in names and "B: FGSM text ε=0.2" in names
+    assert sum(t.type == "heatmap" for t in fig.data) == 1             # B perturbs no image: its image instead
+    lines = [t for t in fig.data if t.type == "scatter"]
+    assert [len(t.y) for t in lines] == [3, 1]                          # PGD's 3 steps, FGSM's one
 

@@ -25,6 +25,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -202,6 +203,7 @@ class Exploration:
     ig_tokens: torch.Tensor | None = None        # [n_tokens]
     ig_patches: torch.Tensor | None = None       # [h, w]
     seconds: dict[str, float] = field(default_factory=dict)
+    eps: float = 0.0                             # the radius, a fraction of each site's norm
 
     @property
     def prediction(self) -> tuple[str, str]:
@@ -223,10 +225,14 @@ def _grid(values: torch.Tensor, model: VLModel) -> torch.Tensor:
 
 def explore(model: VLModel, tokenizer, image, caption: str, method: str = "PGD", modality: str = "image",
             eps: float = 0.1, steps: int = 10, step_size: float | None = None, seed: int = 0,
-            candidates: list[str] | None = None, attributions: bool = True, ig_steps: int = 16) -> Exploration:
-    """Run ``method``'s inner maximisation on one pair and measure everything the explorer shows."""
+            candidates: list[str] | None = None, attributions: bool = True, ig_steps: int = 16,
+            on_phase: Callable[[str], None] | None = None) -> Exploration:
+    """Run ``method``'s inner maximisation on one pair and measure everything the explorer shows.
+    ``on_phase(name)`` is called as each phase starts: ``"attack"``, ``"attention"``, ``"attributions"``
+    (the explorer shows them as progress)."""
     from vlat.explain.perturbation import patch_grid, token_magnitudes
 
+    phase = on_phase or (lambda name: None)
     t0 = time.perf_counter()
     adv = build_method(method, modality, eps, steps, step_size)
     model.eval()                                                 # before the probe's clean prediction
@@ -235,6 +241,7 @@ def explore(model: VLModel, tokenizer, image, caption: str, method: str = "PGD",
     adv.resolve_sites(model)
     adv.calibrate(model, batch, task)
     t1 = time.perf_counter()
+    phase("attack")
     adv.trace = True
     deltas = adv.attack(model, batch, task, generator=torch.Generator().manual_seed(seed))
     losses = [row["loss"] for row in adv.last_trace]           # FGM/FGSM take no traced steps
@@ -247,7 +254,7 @@ def explore(model: VLModel, tokenizer, image, caption: str, method: str = "PGD",
     sites = model.perturbation_sites()
     ex = Exploration(method, modality, task, p.names, p.tokens, batch["pixel_values"][0].cpu(),
                      {k: d.cpu() for k, d in deltas.items()}, clean.softmax(-1)[0].cpu(), attacked.softmax(-1)[0].cpu(),
-                     kl, losses)
+                     kl, losses, eps=float(eps))
     n_tok = len(p.tokens)
     for name, d in deltas.items():
         if name == "text":
@@ -257,11 +264,13 @@ def explore(model: VLModel, tokenizer, image, caption: str, method: str = "PGD",
             if name == "pixels":
                 ex.pixel_delta = d[0].cpu()
     t3 = time.perf_counter()
+    phase("attention")
     ex.attention_clean = model.image_attention(batch)[0].cpu()
     with perturbed(model, deltas, batch):
         ex.attention_adv = model.image_attention(batch)[0].cpu()
     t4 = time.perf_counter()
     if attributions:
+        phase("attributions")
         target = int(batch["labels"][0])
         ig = integrated_gradients(model, batch, task, target, ("text", "image"), ig_steps)
         ex.ig_tokens = sites["text"].tokens(ig["text"][p.text_row:p.text_row + 1])[0, :n_tok].sum(-1).cpu()

@@ -70,31 +70,53 @@ def attention_figure(ex: Exploration):
                 [ex.image, ex.attention_clean, ex.attention_adv], colorscale="Viridis")
 
 
+def outcome_order(ex: Exploration, top: int = 5) -> list[int]:
+    """The outcomes a figure shows: both for ITM; else the caption (always) and the most likely others."""
+    if ex.task == "itm":
+        return [0, 1]
+    ranked = torch.argsort(torch.maximum(ex.probs_clean, ex.probs_adv), descending=True).tolist()
+    return [0] + [i for i in ranked if i != 0][:top - 1]
+
+
 def confidence_figure(ex: Exploration, top: int = 5):
-    """Probabilities before and after δ (the top outcomes), and KL(p‖p_adv), KL(p_adv‖p), their sum."""
+    """Probabilities before and after δ (the outcomes as wrapped labels, the user's caption always among
+    them and never cut; hover for the full text) and, under them, KL(p‖p_adv), KL(p_adv‖p) and their sum
+    (stacked, not side by side, so that no label runs into another on a narrow screen)."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
-    order = [0, 1] if ex.task == "itm" else \
-        torch.argsort(torch.maximum(ex.probs_clean, ex.probs_adv), descending=True)[:top].tolist()
-    names = [_short(ex.names[i]) for i in order]
-    fig = make_subplots(rows=1, cols=2, column_widths=[0.68, 0.32],
-                        subplot_titles=("prediction before and after", "divergence"))
-    fig.add_trace(go.Bar(name="clean", x=names, y=[float(ex.probs_clean[i]) for i in order],
-                         marker_color="#4C78A8"), row=1, col=1)
-    fig.add_trace(go.Bar(name="attacked", x=names, y=[float(ex.probs_adv[i]) for i in order],
-                         marker_color="#E45756"), row=1, col=1)
-    fig.add_trace(go.Bar(x=["KL(p‖p_adv)", "KL(p_adv‖p)", "symmetric"], y=list(ex.kl.values()),
-                         marker_color="#72B7B2", showlegend=False,
-                         text=[f"{v:.3f}" for v in ex.kl.values()], textposition="outside"), row=1, col=2)
-    fig.update_yaxes(range=[0, 1], title_text="probability", row=1, col=1)
-    fig.update_layout(barmode="group", height=HEIGHT + 40, margin=dict(l=5, r=5, t=40, b=5),
-                      legend=dict(orientation="h", yanchor="top", y=-0.12, x=0))
+    order = outcome_order(ex, top)
+    names = [wrap(ex.names[i]) for i in order]
+    lines = sum(n.count("<br>") + 1 for n in names)
+    fig = make_subplots(rows=2, cols=1, row_heights=[max(2, lines), 3], vertical_spacing=0.2,
+                        subplot_titles=("probability before and after δ", "KL divergence"))
+    for label, probs, colour in (("clean", ex.probs_clean, "#4C78A8"), ("attacked", ex.probs_adv, "#E45756")):
+        fig.add_trace(go.Bar(name=label, y=names, x=[float(probs[i]) for i in order], orientation="h",
+                             marker_color=colour, hovertext=[ex.names[i] for i in order],
+                             hovertemplate="%{hovertext}<br>" + label + " %{x:.3f}<extra></extra>"), row=1, col=1)
+    kl = list(ex.kl.values())
+    fig.add_trace(go.Bar(y=["KL(p‖p_adv)", "KL(p_adv‖p)", "symmetric"], x=kl, orientation="h", marker_color="#72B7B2",
+                         showlegend=False, text=[f"{v:.3f}" for v in kl], textposition="outside", cliponaxis=False,
+                         hovertemplate="%{y} %{x:.4f}<extra></extra>"), row=2, col=1)
+    fig.update_xaxes(range=[0, 1], row=1, col=1)
+    fig.update_xaxes(range=[0, 1.3 * max(kl + [1e-3])], row=2, col=1)
+    fig.update_yaxes(autorange="reversed", automargin=True)
+    fig.update_layout(barmode="group", height=170 + 20 * lines + 110, margin=dict(l=5, r=5, t=60, b=5),
+                      legend=dict(orientation="h", yanchor="bottom", y=1.06, x=0))
     return fig
 
 
-def _short(s: str, n: int = 28) -> str:
-    return s if len(s) <= n else s[: n - 1] + "…"
+def wrap(text: str, width: int = 22) -> str:
+    """``text`` on lines of at most ``width`` characters (at spaces; a longer word gets a line of its own),
+    joined with ``<br>`` for a plotly label: long captions are wrapped, never cut."""
+    lines, line = [], ""
+    for word in text.split():
+        if line and len(line) + 1 + len(word) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}" if line else word
+    return "<br>".join(lines + [line] if line else lines)
 
 
 def attribution_figure(ex: Exploration):
@@ -106,11 +128,13 @@ def attribution_figure(ex: Exploration):
     if ex.ig_tokens is None:
         return _note("attributions were not computed")
     t = [float(v) for v in ex.ig_tokens]
-    fig = make_subplots(rows=1, cols=3, column_widths=[0.5, 0.25, 0.25], horizontal_spacing=0.06,
+    fig = make_subplots(rows=1, cols=3, column_widths=[0.4, 0.3, 0.3], horizontal_spacing=0.08,
                         subplot_titles=("tokens", "image", "patches"))
-    fig.add_trace(go.Bar(x=list(range(len(t))), y=t, marker_color=["#D62728" if v > 0 else "#1F77B4" for v in t],
-                         showlegend=False), row=1, col=1)
-    fig.update_xaxes(tickvals=list(range(len(t))), ticktext=ex.tokens, row=1, col=1)
+    fig.add_trace(go.Bar(y=[f"{k}. {w}" for k, w in enumerate(ex.tokens)], x=t, orientation="h", showlegend=False,
+                         marker_color=["#D62728" if v > 0 else "#1F77B4" for v in t],
+                         hovertemplate="%{y}: %{x:.4f}<extra></extra>"), row=1, col=1)
+    fig.update_yaxes(autorange="reversed", automargin=True, tickfont_size=11, row=1, col=1)
+    fig.update_xaxes(nticks=4, row=1, col=1)
     fig.add_trace(go.Image(z=image_array(ex.image)), row=1, col=2)
     z = ex.ig_patches.float()
     m = float(z.abs().max()) or 1.0
@@ -120,6 +144,53 @@ def attribution_figure(ex: Exploration):
     for c in (2, 3):
         fig.update_xaxes(visible=False, row=1, col=c).update_yaxes(visible=False, row=1, col=c)
     fig.update_layout(height=HEIGHT, margin=dict(l=5, r=5, t=40, b=5))
+    return fig
+
+
+def setting(ex: Exploration) -> str:
+    """A short name of an exploration's setting: method, modality and ε (for legends and titles)."""
+    return f"{ex.method} {ex.modality} ε={ex.eps:g}"
+
+
+def comparison_figure(a: Exploration, b: Exploration):
+    """Two settings on the same pair, stacked so that it reads on a phone too: where each δ went in the
+    image (side by side, one colour range), the prediction clean / under A / under B, and each one's
+    objective per ascent step (one point for a one-step method); the legend names A and B."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    names = (setting(a), setting(b))
+    order = outcome_order(a, 4)
+    labels = [wrap(a.names[i]) for i in order]
+    lines = sum(n.count("<br>") + 1 for n in labels)
+    fig = make_subplots(rows=3, cols=2, specs=[[{}, {}], [{"colspan": 2}, None], [{"colspan": 2}, None]],
+                        row_heights=[4, max(3, lines), 3], vertical_spacing=0.09, horizontal_spacing=0.06,
+                        subplot_titles=("A: ‖δ‖ per patch", "B: ‖δ‖ per patch", "prediction", "objective per step"))
+    grids = [ex.patch_delta for ex in (a, b)]
+    zmax = max([float(g.max()) for g in grids if g is not None] + [1e-12])
+    for col, g in enumerate(grids, start=1):
+        if g is None:                                  # text only: no image δ to show
+            fig.add_trace(go.Image(z=image_array(a.image)), row=1, col=col)
+            continue
+        fig.add_trace(go.Heatmap(z=g.float().numpy(), colorscale="Inferno", zmin=0, zmax=zmax, showscale=col == 2,
+                                 colorbar=dict(len=0.3, y=0.86, thickness=10)), row=1, col=col)
+        fig.update_yaxes(autorange="reversed", scaleanchor=f"x{col}", row=1, col=col)
+    for col in (1, 2):
+        fig.update_xaxes(visible=False, row=1, col=col).update_yaxes(visible=False, row=1, col=col)
+    for label, probs, colour in (("clean", a.probs_clean, "#4C78A8"), (f"A: {names[0]}", a.probs_adv, "#E45756"),
+                                 (f"B: {names[1]}", b.probs_adv, "#F58518")):
+        fig.add_trace(go.Bar(name=label, y=labels, x=[float(probs[i]) for i in order], orientation="h",
+                             marker_color=colour, hovertext=[a.names[i] for i in order], legendgroup=label,
+                             hovertemplate="%{hovertext}: %{x:.3f}<extra>" + label + "</extra>"), row=2, col=1)
+    fig.update_xaxes(range=[0, 1], row=2, col=1)
+    fig.update_yaxes(autorange="reversed", automargin=True, row=2, col=1)
+    for ex, name, colour in ((a, "A", "#E45756"), (b, "B", "#F58518")):
+        ys = ex.losses or [float("nan")]
+        fig.add_trace(go.Scatter(x=list(range(1, len(ys) + 1)), y=ys, mode="lines+markers", line_color=colour,
+                                 name=f"{name}: symmetric KL {ex.kl['symmetric KL']:.3f}"), row=3, col=1)
+    fig.update_xaxes(dtick=1, row=3, col=1)
+    fig.update_layout(barmode="group", height=640 + 18 * lines, margin=dict(l=5, r=5, t=40, b=5),
+                      legend=dict(orientation="h", yanchor="top", y=-0.04, x=0))
     return fig
 
 
