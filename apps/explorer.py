@@ -93,6 +93,19 @@ EXPLAIN = {   # one or two sentences beside each panel: what it shows and how to
 }
 
 
+def method_note(label: str) -> str:
+    """One line on the chosen method: what it does, its paper, and its section of the method sheet."""
+    from vlat.adversarial import registry
+
+    try:
+        spec = registry.get(label)
+    except ValueError:
+        return ""
+    first = spec.paper.authors.replace(" & ", ",").split(",")[0].strip()
+    return (f"**{spec.label}** ({first} et al. {spec.paper.year}): "
+            f"{spec.summary}. Math and defaults: `{spec.docs}`; step by step: notebook `09_explorer`.")
+
+
 def gallery_pairs(root: Path | None = None, n: int = GALLERY_SIZE) -> list[tuple[str, str]]:
     """``(image path, caption)`` for the first ``n`` pairs of a folder in the sample pairs' format
     (default: the shipped sample pairs); the caption is the pair's longest (a relation, where the scene has one)."""
@@ -310,6 +323,7 @@ def build_app(pairs: list[tuple[str, str]] | None = None, allow=()) -> gr.Blocks
                               info=steps_help())
             step_size = gr.Number(value=0, label="step size (0: 2.5 ε / steps)", minimum=0)
             go = gr.Button("Perturb", variant="primary", elem_id="run")
+        note = gr.Markdown(method_note("PGD"), elem_id="method-note")
         status = gr.Markdown(elem_id="status")
 
         def panel(name: str) -> gr.Plot:
@@ -338,6 +352,7 @@ def build_app(pairs: list[tuple[str, str]] | None = None, allow=()) -> gr.Blocks
         compare_plot = gr.Plot(show_label=False, elem_id="plot-compare")
         compare_numbers = gr.JSON(label="numbers (A and B)", visible=False)
 
+        method.change(method_note, method, note, queue=False, api_visibility="private")
         gallery.select(on_select, None, [preview, image, caption, status], api_visibility="private")
         upload_box.upload(upload, upload_box, [preview, image, status], api_name="upload")
         gr.api(pick, api_name="pair")

@@ -231,7 +231,11 @@ def test_a_person_in_a_browser_runs_every_model_family_and_compares_two_methods(
         page.evaluate("""() => { window.seen = [];            // every status line shown, however briefly
             new MutationObserver(() => window.seen.push(document.querySelector('#status').innerText))
                 .observe(document.querySelector('#status'), {subtree: true, childList: true, characterData: true}); }""")
+        choose(page, "#method", "VILLA")
+        page.wait_for_function("() => document.querySelector('#method-note').innerText.includes('Gan et al. 2020')")
         choose(page, "#method", "PGD")
+        page.wait_for_function("() => document.querySelector('#method-note').innerText.includes('Madry et al. 2018')")
+        assert "docs/methods.md#pgd" in page.locator("#method-note").inner_text()
         page.locator("#modality").get_by_label("both").check()
         for family, model in (("single-stream", SS), ("CLIP", CLIP), ("ALBEF", ALBEF)):
             choose(page, "#model", model)
