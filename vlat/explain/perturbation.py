@@ -12,6 +12,18 @@ def token_magnitudes(delta: torch.Tensor, site: PerturbationSite) -> torch.Tenso
     return site.tokens(delta.detach().float()).norm(dim=-1)
 
 
+def nearest_tokens(site: PerturbationSite, input_ids: torch.Tensor, delta: torch.Tensor, tokenizer) -> list[list[str]]:
+    """What a text δ says in words: for each position, the vocabulary token whose embedding is nearest (L2)
+    to the perturbed embedding ``E[id] + δ`` (``[B][L]``, padding included). The site's module must be the
+    word-embedding table (every vlat model's ``text`` site is). Usually every word stays itself: δ moves
+    the embeddings off the vocabulary, not onto other words."""
+    table = site.module.weight.detach().float()                              # [V, D]
+    with torch.no_grad():
+        moved = table[input_ids.to(table.device)] + delta.detach().float().to(table.device)   # [B, L, D]
+        ids = torch.cdist(moved.flatten(0, 1), table).argmin(-1).view(input_ids.shape)
+    return [tokenizer.convert_ids_to_tokens(row.tolist()) for row in ids.cpu()]
+
+
 def patch_grid(delta: torch.Tensor, site: PerturbationSite, image_size: int, patch_size: int) -> torch.Tensor:
     """Per-patch magnitude as an ``[B, h, w]`` grid, for any image site (pixels are pooled into patches)."""
     mags = token_magnitudes(delta, site)                                     # [B, N]
