@@ -31,6 +31,8 @@ def test_grade_within_tolerance_and_unanswered(capsys):
     assert "✓ Q1" in out and "✗ Q2: 0.2 is not 0.1. Hint: ε is a fraction" in out and "not answered yet" in out
     assert grade("Q4", 1000.5, 1000.0, tol=1e-3)                    # relative for large values
     assert grade("Q5", [1.0, 2.0], torch.tensor([1.0, 2.0]))
+    assert not grade("Q6", [1.0, 2.5, 3.0], [1.0, 2.0, 3.0])
+    assert "wrong at entry 1" in capsys.readouterr().out
 
 
 def test_blank_keeps_the_left_hand_side_and_the_hint():

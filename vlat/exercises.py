@@ -77,8 +77,12 @@ def grade(label: str, answer, expected, tol: float = 1e-3, hint: str = "") -> bo
     if ok:
         print(f"✓ {label}: {shown}")
     else:
-        want = f"{float(b):.4g}" if b.numel() == 1 else "another value"
-        print(f"✗ {label}: {shown} is not {want}" + (f". Hint: {hint}" if hint else ""))
+        if b.numel() == 1:
+            print(f"✗ {label}: {shown} is not {float(b):.4g}" + (f". Hint: {hint}" if hint else ""))
+        else:
+            wrong = [i for i, ok in enumerate(((a - b).abs() <= tol * torch.clamp(b.abs(), min=1.0)).flatten()) if not ok]
+            print(f"✗ {label}: {shown} is wrong at entry {', '.join(map(str, wrong[:5]))}" +
+                  (f". Hint: {hint}" if hint else ""))
     return ok
 
 

@@ -59,8 +59,9 @@ SEED = 0
 # %%
 import torch
 
-from vlat.adversarial import FGM, PGD, per_example_norm
+from vlat.adversarial import FGM, PGD, normalize_grad, per_example_norm, project, site_norms
 from vlat.evaluate import accuracy, compare_training, markdown_table, robust_accuracy
+from vlat.exercises import check, grade
 from vlat.explain import image_heatmap, loss_curve, ood_bars, patch_grid
 from vlat.models import load_model, perturbed
 from vlat.resources import checkpoint
@@ -77,7 +78,12 @@ batch = collate([test[k] for k in range(16)])
 
 # %% [markdown]
 # ## 1 · The attack loop, step by step
-# The loss of the batch after each PGD step on the image regions (L2, ε = 2, η = ε/4):
+# The loss of the batch after each PGD step on the image regions (L2, ε = 2, η = ε/4). What ε = 2 means
+# here: the regions' features of one scene have an L2 norm near 190, so δ may change them by about 1 %:
+
+# %%
+print(f"‖x‖₂ of the image site: {site_norms(model, batch, 'itm')['image']:.1f} per example; ε = 2 is "
+      f"{100 * 2 / site_norms(model, batch, 'itm')['image']:.2f} % of it")
 
 # %%
 pgd = PGD(sites=("image",), eps=2.0, step_size=0.5, steps=STEPS)
@@ -127,9 +133,7 @@ def my_pgd(model, batch, eps, eta, steps):
 mine = my_pgd(model, batch, eps=2.0, eta=0.5, steps=STEPS)
 vlat_pgd = PGD(sites=("image",), eps=2.0, step_size=0.5, steps=STEPS)
 theirs = vlat_pgd.attack(model, batch, "itm", random_start=False)["image"]
-diff = (mine - theirs).abs().max().item()
-print(f"largest difference from vlat's PGD: {diff:.1e}:", "the same loop" if diff < 1e-5 else
-      "not yet; print both after one step (steps=1) and compare the step, then the projection")
+check("your PGD δ", mine, theirs, hint="run both with steps=1 and compare the step, then the projection")
 print("‖δ‖₂ per example:", [round(v, 3) for v in per_example_norm(mine).tolist()])
 
 # %% [markdown]
@@ -138,6 +142,12 @@ print("‖δ‖₂ per example:", [round(v, 3) for v in per_example_norm(mine).t
 # zig-zags and can end inside: look for a norm below 2.0 above. The ball is a bound, not a target.
 
 # %% [markdown]
+# ### Why a random start
+# From δ = 0 every run of PGD follows the same path; if the gradient at $x$ is small or misleading (a
+# model can learn to flatten the loss right at its training points, "gradient masking"), the attack
+# stalls. Madry et al. start from a uniform draw in the ball and, for evaluation, restart several times:
+# the worst case over starts is a better estimate of the inner maximum. Section 3 uses a random start.
+#
 # ## 2 · One step vs many
 # FGM spends its whole budget in one direction; PGD can turn. At the same ε, PGD finds higher loss.
 
@@ -175,6 +185,14 @@ widgets.interact_manual(
 
 # %% [markdown]
 # ## 4 · The defence: PGD adversarial fine-tuning
+# Adversarial training minimises the worst-case loss, $\min_\theta \rho(\theta)$ with
+# $\rho(\theta) = \mathbb{E}\,\max_{\lVert\delta\rVert\le\varepsilon} L(\theta, x+\delta)$. Why is it right to
+# back-propagate only $L$ at the attack's final $\delta^*$, as if $\delta^*$ did not depend on θ? Danskin's
+# theorem: where the maximiser $\delta^*$ is unique, $\nabla_\theta \max_\delta L(\theta, x+\delta) =
+# \nabla_\theta L(\theta, x+\delta^*)$. The maximum moves with θ, but to first order only through
+# $L$'s own dependence on θ: at a maximum, moving δ changes nothing. PGD's $\delta^*$ is an approximate
+# maximiser, so this is an approximate gradient of ρ, and a better attack gives a better one.
+#
 # Training on the final PGD iterate (K = 3) against clean training: both start from the shipped model and
 # see the same data for the same epochs.
 
@@ -186,3 +204,53 @@ rows = compare_training({"clean fine-tuning": None, "PGD-3 fine-tuning": PGD(sit
                         TrainConfig(epochs=EPOCHS, lr=3e-4, seed=SEED, progress=False))
 print(markdown_table(rows))
 ood_bars({k: {c: v for c, v in r.items() if c != "train s"} for k, r in rows.items()}, "clean vs PGD-10 accuracy")
+
+# %% [markdown]
+# ## Exercises
+# Work each one out on paper, type your answer in place of the value given (the solutions ship filled in;
+# `python -m vlat.exercises notebooks/02_pgd.ipynb mine.ipynb` writes a copy with them blanked), and run
+# the cell: `grade` compares it with what vlat computes.
+#
+# **1.** δ = (3, 4) has left the L2 ball of radius ε = 1. Where does the projection put it?
+
+# %%
+answer = [0.6, 0.8]                                         # ← Π_ε(δ) = ε δ / ‖δ‖₂
+grade("1. the L2 projection", answer, project(torch.tensor([[3.0, 4.0]]), 1.0, "l2")[0])
+
+# %% [markdown]
+# **2.** The same δ in the L∞ ball of radius 1 (a clip of each entry). And how far (L2) does each
+# projection move δ?
+
+# %%
+answer = [1.0, 1.0]                                         # ← clip(δ, -ε, ε)
+grade("2a. the L∞ projection", answer, project(torch.tensor([[3.0, 4.0]]), 1.0, "linf")[0])
+answer = [4.0, 13**0.5]                                     # ← [‖δ - Π₂(δ)‖₂, ‖δ - Π∞(δ)‖₂]
+grade("2b. distances moved", answer, [float((torch.tensor([3.0, 4.0]) - project(torch.tensor([[3.0, 4.0]]), 1.0, n)[0]).norm())
+                                      for n in ("l2", "linf")])
+
+# %% [markdown]
+# **3.** One L2 PGD step from δ = 0 with η = 0.5 along $g = (1, -2, 2)$, ε = 2: what is δ after it?
+
+# %%
+answer = [0.5 / 3, -1.0 / 3, 1.0 / 3]                       # ← η g / ‖g‖₂ (inside the ball: no projection)
+grade("3. one PGD step", answer, project(0.5 * normalize_grad(torch.tensor([[1.0, -2.0, 2.0]]), "l2"), 2.0)[0])
+
+# %% [markdown]
+# **4.** How many steps of η = ε/4, all in the same direction from δ = 0, before the projection starts to
+# act (the first step that would leave the ball)? Check it on the loop above: the norm after each step.
+
+# %%
+answer = 5                                                  # ← after 4 steps ‖δ‖ = ε exactly; the 5th leaves
+d, norms_seen = torch.zeros(1, 3), []
+for _ in range(6):
+    d = project(d + 0.5 * normalize_grad(torch.tensor([[1.0, -2.0, 2.0]]), "l2"), 2.0)
+    norms_seen.append(round(float(d.norm()), 4))
+grade("4. the first projected step", answer, 1 + next(k for k in range(1, 6) if norms_seen[k] == norms_seen[k - 1]))
+
+# %% [markdown]
+# ## Recap and where to go next
+# PGD repeats the steepest step and projects back into the ball: a rescale in L2, a clip in L∞, each the
+# closest point of the ball. A random start avoids a path that stalls at a flat point. Danskin's theorem
+# says that the gradient of the worst-case loss is the gradient at the attack's δ*, which is why adversarial
+# training back-propagates only the final iterate. PGD costs K + 1 passes a batch. Next: notebook 03 gets
+# (almost) the same defence at the price of clean training (FreeAT, YOPO).
