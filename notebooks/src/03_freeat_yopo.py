@@ -58,12 +58,15 @@ EVAL_SCENES = 128 if FAST else 500
 SEED = 0
 
 # %%
+import copy
+
 import torch
 
-from vlat.adversarial import PGD, YOPO, FreeAT
+from vlat.adversarial import PGD, YOPO, FreeAT, normalize_grad, project, registry
 from vlat.evaluate import compare_training, markdown_table
+from vlat.exercises import check, grade
 from vlat.explain import ood_bars
-from vlat.models import build_model, load_model
+from vlat.models import build_model, load_model, perturbed
 from vlat.models.base import run_layer_one
 from vlat.resources import checkpoint
 from vlat.train import StepContext, TrainConfig
@@ -89,7 +92,53 @@ for _ in range(3):
 print("optimiser steps taken:", ctx.optimizer.state[next(iter(ctx.optimizer.state))]["step"].item())
 
 # %% [markdown]
+# ### Your turn: write FreeAT's replays
+# One replay is one forward at $x + \delta$ and **one** backward. That backward fills both the parameters'
+# gradients and δ's. The parameters take their optimiser step (`ctx.optimizer_step`, with the loop's
+# clipping), and δ takes its ascent step, $\delta \leftarrow \Pi_\varepsilon(\delta + \varepsilon_{step}\,
+# g_\delta/\lVert g_\delta\rVert_2)$. δ starts at zero on each batch. Complete the lines marked `←`; the
+# check runs vlat's FreeAT and yours from the same weights and compares the weights after the m replays.
+#
+# **Predict before you run:** the first replay trains on δ = 0. Is FreeAT's first update on a batch the
+# same as clean training's?
+
+# %%
+def my_freeat(ctx, batch, eps, step, replays):
+    model = ctx.model
+    delta = torch.zeros(model.perturbation_sites()["image"].shape(batch), device=model.device, requires_grad=True)
+    for _ in range(replays):
+        with perturbed(model, {"image": delta}, batch):
+            loss = ctx.forward(batch).loss                                   # ← the loss at x + δ
+        ctx.backward(loss)                                                   # ← one backward for θ and δ
+        g = delta.grad                                                       # ← δ's gradient, kept ...
+        ctx.optimizer_step(loss)                                             # ← ... before θ's step
+        delta = project(delta.detach() + step * normalize_grad(g), eps).requires_grad_(True)   # ← δ's step
+    return delta.detach()
+
+
+start = build_model("single_stream", "tiny", dropout=0.0).to(DEVICE).train()
+theirs, mine = copy.deepcopy(start), copy.deepcopy(start)
+FreeAT(sites=("image",), eps=2.0, step_size=1.0, replays=REPLAYS)(
+    StepContext.standalone(theirs, "itm", TrainConfig(seed=SEED)), batch)
+my_freeat(StepContext.standalone(mine, "itm", TrainConfig(seed=SEED)), batch, eps=2.0, step=1.0, replays=REPLAYS)
+flat = lambda m: torch.cat([p.detach().flatten() for p in m.parameters()])
+check("weights after the replays", flat(mine), flat(theirs), atol=1e-6,
+      hint="keep δ's gradient before the optimiser step; normalise it per example, then project")
+
+# %% [markdown]
+# Answer: yes. At δ = 0 the first replay's loss and gradient are the clean ones, so its update is clean
+# training's. Only from the second replay on does the model meet a perturbed input (the authors carry δ
+# over from the previous batch, `carry=True`, so that even the first replay is perturbed).
+
+# %% [markdown]
 # ## 2 · YOPO: the rest of the network is never touched by the inner steps
+# Why that is allowed. Write the network as $L = \ell(g(f_0(x+\delta)))$, with $f_0$ the first layer.
+# The chain rule gives $\nabla_\delta L = J_{f_0}(x+\delta)^\top p$ with the co-state $p = \partial L/\partial f_0$.
+# YOPO computes $p$ once per full pass and holds it fixed for n inner steps. Each inner step then ascends
+# the *Hamiltonian* $H(\delta) = \langle f_0(x+\delta), p\rangle$, whose gradient $J_{f_0}^\top p$ is exact at
+# the δ where $p$ was taken and an approximation after, and costs one pass through layer one only.
+#
+# Count how often the first and the last transformer block run during one YOPO step with m = 3, n = 4.
 # Count how often the first and the last transformer block run during one YOPO step with m = 3, n = 4.
 
 # %%
@@ -145,3 +194,51 @@ ood_bars({k: {c: v for c, v in r.items() if c != "train s"} for k, r in rows.ite
 # %% [markdown]
 # Compare the `train s` column with PGD-3: FreeAT spends about as much time as clean training, YOPO
 # its m full passes plus the cheap inner steps; the accuracy-under-attack column says what each bought.
+
+# %% [markdown]
+# ## Exercises
+# Work each one out, type your answer in place of the value given (the solutions ship filled in;
+# `python -m vlat.exercises notebooks/03_freeat_yopo.ipynb mine.ipynb` blanks them), and run the cell.
+#
+# **1.** A clean run of 8 epochs. FreeAT with m = 4 replays: how many epochs does it run so that its cost
+# equals the clean run's, and how many forward/backward passes per training example does it make in all?
+
+# %%
+answer = [2, 8]                                             # ← [8 / m epochs, (8 / m) · m passes]
+f = FreeAT(replays=4)
+grade("1. FreeAT's budget", answer, [f.epochs_for(8), f.epochs_for(8) * registry.get("freeat").passes(f, 0.0)])
+
+# %% [markdown]
+# **2.** In section 2's YOPO step (m = 3 full passes, n = 4 inner steps): how many times did the last block
+# run, and how many times did layer one run?
+
+# %%
+answer = [3, 18]                                            # ← [m, m · (1 + n + 1)]
+grade("2. YOPO's passes", answer, [calls["last block"], calls["layer one"]],
+      hint="layer one runs in each full pass, in each inner step, and once more for the Hamiltonian's update")
+
+# %% [markdown]
+# **3.** A linear first layer $f_0(x) = Wx$ with $W = \begin{pmatrix}1 & 2\\ 0 & 1\end{pmatrix}$ and a co-state
+# $p = (1, -1)$. What is the Hamiltonian's gradient $\nabla_\delta \langle f_0(x+\delta), p\rangle$?
+
+# %%
+answer = [1.0, 1.0]                                         # ← Wᵀ p
+W, p = torch.tensor([[1.0, 2.0], [0.0, 1.0]]), torch.tensor([1.0, -1.0])
+d = torch.zeros(2, requires_grad=True)
+grade("3. the Hamiltonian's gradient", answer, torch.autograd.grad((W @ (torch.ones(2) + d) * p).sum(), d)[0])
+
+# %% [markdown]
+# **4.** A YOPO step costs `m + m · (n + 1) · f` clean passes, with f the cost of a layer-one pass relative
+# to a full one. With m = 3, n = 4 and a 12-layer network (f ≈ 1/12), about how many clean passes?
+
+# %%
+answer = 3 + 3 * 5 / 12                                     # ← m + m (n + 1) f
+y = YOPO(sites=("text",), outer=3, inner=4)
+grade("4. YOPO's cost", answer, registry.get("yopo").passes(y, 1 / 12), tol=1e-2)
+
+# %% [markdown]
+# ## Recap and where to go next
+# FreeAT reuses each backward twice, for θ's step and δ's, and replays the batch m times over N/m epochs:
+# the cost of clean training, with δ built up across replays. YOPO uses the co-state p = ∂L/∂f₀ of one
+# full pass for n cheap steps through layer one, ascending the Hamiltonian ⟨f₀(x+δ), p⟩. Both trade an
+# exact inner maximum for cost. Next: notebook 04 (FreeLB) turns every ascent step into training signal.
