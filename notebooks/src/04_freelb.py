@@ -58,8 +58,9 @@ SEED = 0
 # %%
 import torch
 
-from vlat.adversarial import PGD, FreeLB
+from vlat.adversarial import PGD, FreeLB, per_example_norm, registry
 from vlat.evaluate import compare_training, markdown_table
+from vlat.exercises import check, grade
 from vlat.explain import ood_bars, token_bars, token_magnitudes
 from vlat.models import build_model, load_model, perturbed
 from vlat.resources import checkpoint
@@ -105,29 +106,47 @@ widgets.interact_manual(show_steps, K=widgets.IntSlider(value=4, min=1, max=8, d
 
 # %% [markdown]
 # ## 2 · The accumulated gradient is the mean of the K per-step gradients
-# Recompute each step's gradient separately and compare with what FreeLB accumulated.
+# Why a "virtual K× batch". FreeLB back-propagates $L(x+\delta_t)/K$ at each of its K steps without zeroing
+# the gradients in between, so after the loop
+# $$\texttt{.grad} = \sum_{t} \nabla_\theta \tfrac1K L(x+\delta_t) = \nabla_\theta\, \tfrac1K \sum_t L(x+\delta_t),$$
+# the gradient of the mean loss over K perturbed copies of the batch: a batch K times larger, whose
+# extra examples are the points the ascent visited. PGD keeps only the last of them.
+#
+# ### Your turn: write the accumulation
+# Complete the lines marked `←`: the same dropout masks at every step (restore the RNG state), the loss at
+# $x+\delta_t$, a backward of its K-th share, and δ's ascent step (vlat's `ascend`: $\delta + \eta\,
+# g/\lVert g\rVert$ per example, masked, projected when ε > 0).
+#
+# **Predict before you run:** will your accumulated gradient equal FreeLB's exactly, or only up to
+# rounding? (Think of the order of the additions.)
 
 # %%
+def my_freelb(model, batch, freelb):
+    deltas = freelb.new_deltas(model, batch, "uniform", freelb.init_mag)     # δ₀, drawn as FreeLB draws it
+    masks = torch.get_rng_state()                                            # the dropout masks' random state
+    model.zero_grad()
+    for t in range(freelb.steps):
+        torch.set_rng_state(masks)                                           # ← the same masks at every step
+        with perturbed(model, deltas, batch):
+            loss = model(batch, "itm").loss                                  # ← the loss at x + δ_t
+        (loss / freelb.steps).backward()                                     # ← θ's gradient: a 1/K share
+        if t < freelb.steps - 1:
+            deltas = freelb.ascend(model, batch, deltas, {k: d.grad for k, d in deltas.items()})   # ← δ's step
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+
 model.zero_grad()
 rng = torch.get_rng_state()
 freelb.trace = False
 freelb.accumulate(StepContext.standalone(model, "itm", TrainConfig(seed=SEED)), batch)
-used = [p for p in model.parameters() if p.grad is not None]
-accumulated = torch.cat([p.grad.flatten() for p in used])
-torch.set_rng_state(rng)
-deltas = freelb.new_deltas(model, batch, "uniform", freelb.init_mag)
-dropout_state = torch.get_rng_state()
-per_step = []
-for t in range(freelb.steps):
-    model.zero_grad()
-    torch.set_rng_state(dropout_state)                     # the same dropout masks every step
-    with perturbed(model, deltas, batch):
-        model(batch, "itm").loss.backward()
-    per_step.append(torch.cat([p.grad.flatten() for p in used]))
-    if t < freelb.steps - 1:
-        deltas = freelb.ascend(model, batch, deltas, {k: d.grad for k, d in deltas.items()})
-mean = torch.stack(per_step).mean(0)
-print(f"max |accumulated - mean of steps| = {(accumulated - mean).abs().max():.2e}  (gradient scale {mean.abs().max():.2e})")
+accumulated = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+torch.set_rng_state(rng)                                                     # FreeLB's draws, once more
+check("your accumulated gradient", my_freelb(model, batch, freelb), accumulated, atol=1e-6,
+      hint="divide each step's loss by K; restore the RNG state before every forward")
+
+# %% [markdown]
+# Answer: equal up to rounding at most. Both add the same K terms in the same order, so here they agree
+# exactly; a different order (the mean of separately computed gradients) differs in the last bits.
 
 # %% [markdown]
 # ## 3 · Why the dropout masks must stay fixed
@@ -161,3 +180,45 @@ rows = compare_training({"clean": None,
                         TrainConfig(epochs=EPOCHS, lr=3e-4, seed=SEED, progress=False))
 print(markdown_table(rows))
 ood_bars({k: {c: v for c, v in r.items() if c != "train s"} for k, r in rows.items()}, "clean vs PGD-10 accuracy")
+
+# %% [markdown]
+# ## Exercises
+# Work each one out, type your answer in place of the value given (the solutions ship filled in;
+# `python -m vlat.exercises notebooks/04_freelb.ipynb mine.ipynb` blanks them), and run the cell.
+#
+# **1.** K = 3 steps whose parameter gradients (of the unscaled loss) are (1, 2), (3, 0) and (2, 4). What
+# does FreeLB leave in `.grad`?
+
+# %%
+answer = [2.0, 2.0]                                          # ← the mean of the three
+theta = torch.zeros(2, requires_grad=True)
+for g_t in ([1.0, 2.0], [3.0, 0.0], [2.0, 4.0]):
+    ((torch.tensor(g_t) * theta).sum() / 3).backward()      # a loss whose gradient is g_t, a 1/K share
+grade("1. the accumulated gradient", answer, theta.grad)
+
+# %% [markdown]
+# **2.** FreeLB's δ₀ is uniform in $[-1, 1]$ per entry, times init_mag / √(len · D) on a caption's len
+# tokens of width D. Its expected squared L2 norm is init_mag² · E[U²]. With init_mag = 0.2, what is the
+# root-mean-square ‖δ₀‖₂? (E[U²] for U uniform on [-1, 1] is 1/3.)
+
+# %%
+answer = 0.2 / 3**0.5                                       # ← init_mag / √3
+big = collate([WorldDataset("itm", "train", 256, SEED)[k] for k in range(256)])
+d0 = FreeLB(sites=("text",), init_mag=0.2).new_deltas(model, big, "uniform", 0.2)["text"]
+grade("2. the size of δ₀", answer, per_example_norm(d0).pow(2).mean().sqrt(), tol=0.005)
+
+# %% [markdown]
+# **3.** Passes per batch of FreeLB-3 and of PGD-3 (a forward and a backward count as one pass)?
+
+# %%
+answer = [3, 4]                                             # ← [K, K + 1]
+grade("3. passes", answer, [registry.get("freelb").passes(FreeLB(steps=3), 0.0),
+                            registry.get("pgd").passes(PGD(steps=3), 0.0)])
+
+# %% [markdown]
+# ## Recap and where to go next
+# FreeLB keeps the parameter gradient of every ascent step, each a 1/K share: after K steps `.grad` is the
+# gradient of the mean loss over the K points the ascent visited, a virtual batch K times larger, for K
+# passes (PGD-K needs K + 1 and trains on its last point only). The dropout masks stay fixed so that δ
+# climbs one network. Next: notebook 05 (SMART) keeps the whole output distribution steady, not only
+# the label; notebook 07 (VILLA) is FreeLB on both modalities with a KL term.
