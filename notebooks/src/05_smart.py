@@ -65,6 +65,7 @@ import torch
 
 from vlat.adversarial import LLR, PGD, SMART, TRADES, Frozen
 from vlat.evaluate import compare_training, markdown_table
+from vlat.exercises import check, grade
 from vlat.explain import ood_bars
 from vlat.models import load_model, perturbed
 from vlat.objectives import kl_logits, symmetric_kl
@@ -88,7 +89,40 @@ print(f"KL(p‖q) = {kl_logits(p, q):.4f}   KL(q‖p) = {kl_logits(q, p):.4f}   
 print(f"symmetric KL of a distribution with itself: {symmetric_kl(p, p):.1e}")
 
 # %% [markdown]
+# Why both directions. $\mathrm{KL}(p\Vert q) = \sum_c p_c \log(p_c/q_c)$ is large where $q$ puts little mass
+# on what $p$ believes, and $\mathrm{KL}(q\Vert p)$ the other way round; their sum is symmetric and zero
+# only when the two agree. For a small change, $q = p + \Delta$, both directions agree to second order:
+# $\mathrm{KL}(p\Vert p+\Delta) \approx \mathrm{KL}(p+\Delta\Vert p) \approx \tfrac12 \sum_c \Delta_c^2 / p_c$ (the
+# Fisher information's quadratic form), so the symmetric KL $\approx \sum_c \Delta_c^2/p_c$. The regulariser
+# is a local *smoothness* penalty: it grows with the square of how far the prediction moves.
+#
+# ### Your turn: write the symmetric KL
+# Complete the lines marked `←`, from logits (work in log-probabilities: `log_softmax`), averaged over the
+# batch. The check compares it with vlat's `symmetric_kl` on the clean and the SMART-perturbed prediction.
+
+# %%
+def my_symmetric_kl(p_logits, q_logits):
+    p_log = p_logits.float().log_softmax(-1)                           # ← log p
+    q_log = q_logits.float().log_softmax(-1)                           # ← log q
+    kl_pq = (p_log.exp() * (p_log - q_log)).sum(-1)                    # ← KL(p‖q), one per example
+    kl_qp = (q_log.exp() * (q_log - p_log)).sum(-1)                    # ← KL(q‖p), one per example
+    return (kl_pq + kl_qp).mean()
+
+
+smart = SMART(sites=("text",), eps=0.1)
+smart_delta = smart.attack(model, batch, "itm")
+with torch.no_grad():
+    clean_logits = model(batch, "itm").logits
+    with perturbed(model, smart_delta, batch):
+        adv_logits = model(batch, "itm").logits
+check("your symmetric KL", my_symmetric_kl(clean_logits, adv_logits), symmetric_kl(clean_logits, adv_logits),
+      hint="KL(p‖q) sums p · (log p - log q) over the classes; average over the examples last")
+
+# %% [markdown]
 # ## 2 · The regulariser as δ grows
+# **Predict before you run:** from ε = 1e-3 to 1e-2, δ grows ten times. By how much does the symmetric KL
+# grow, if the prediction moves in proportion to δ?
+#
 # How far does the prediction move when every word's δ is normalised to a largest entry of ε? ε = 1 is
 # the authors' step. Compare it with the size of the word embeddings themselves: the authors' δ was made
 # for BERT's embedding output, whose entries are of order 1; this model's are far smaller.
@@ -105,6 +139,11 @@ for eps in (1e-3, 1e-2, 1e-1, 1.0):
     print(f"eps {eps:6.3f}: symmetric KL = {reg.item():.2e}")
 
 # %% [markdown]
+# Answer: about a hundred times, if the prediction moves in proportion to δ and the KL is quadratic in
+# that move (see above). The printed values grew about 70 times from 1e-3 to 1e-2 and about 330 times
+# from 1e-2 to 1e-1: the one ascent step finds a different direction at each ε, so the growth is
+# quadratic only roughly, and at ε = 1 δ is no longer small.
+#
 # ## 3 · The NaN/Inf guard
 # A non-finite gradient (from an overflow, say) must not poison training: the regulariser becomes 0 for
 # that batch and the event is counted.
@@ -188,8 +227,44 @@ rows = {"clean": rows["clean"], **compare_training({
 print(markdown_table(rows))
 
 # %% [markdown]
+# ## Exercises
+# Work each one out, type your answer in place of the value given (the solutions ship filled in;
+# `python -m vlat.exercises notebooks/05_smart.ipynb mine.ipynb` blanks them), and run the cell.
+#
+# **1.** $p = (0.5, 0.5)$ and $q = (0.9, 0.1)$. Compute $\mathrm{KL}(p\Vert q)$ and $\mathrm{KL}(q\Vert p)$ by hand.
+
+# %%
+import math
+
+answer = [0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1),   # ← KL(p‖q)
+          0.9 * math.log(0.9 / 0.5) + 0.1 * math.log(0.1 / 0.5)]   # ← KL(q‖p)
+P, Q = torch.tensor([[0.5, 0.5]]).log(), torch.tensor([[0.9, 0.1]]).log()   # log-probabilities are logits
+grade("1. both KLs", answer, [kl_logits(P, Q), kl_logits(Q, P)])
+
+# %% [markdown]
+# **2.** Their sum, SMART's regulariser for this pair. Which direction is larger, and why (where does each
+# distribution put mass the other lacks)?
+
+# %%
+answer = 0.5108 + 0.3681                                     # ← KL(p‖q) + KL(q‖p)
+grade("2. the symmetric KL", answer, symmetric_kl(P, Q), tol=1e-3)
+
+# %% [markdown]
+# **3.** LLR's gap for $\ell(x) = x^2$ at $x = 1$ and $\delta = 0.1$: $\lvert \ell(x+\delta) - \ell(x) -
+# \delta\,\ell'(x)\rvert$. (It is the second-order term: why does that make it grow like δ²?)
+
+# %%
+answer = 0.1**2                                              # ← δ² (ℓ'' = 2, times δ²/2)
+x = torch.tensor(1.0, requires_grad=True)
+(slope,) = torch.autograd.grad(x**2, x)
+grade("3. LLR's gap", answer, abs((x.detach() + 0.1) ** 2 - x.detach() ** 2 - 0.1 * slope))
+
+# %% [markdown]
 # **Recap.** SMART, TRADES and LLR all regularise what happens *inside* the ball instead of training on
 # one adversarial point: SMART and TRADES keep the prediction steady (two-sided vs one-sided KL), LLR keeps
 # the loss close to linear so that the gradient tells the truth about the worst case. All three are
 # `vlat train --method smart|trades|llr`, and the explorer shows their inner maximisation on one pair.
+The symmetric KL is, to second order, a quadratic form in the change of the prediction, so it measures
+smoothness; LLR's gap is the loss's second-order term. Next: notebook 06 (ALBEF) builds the vision-language
+model whose training VILLA (notebook 07) makes adversarial.
 
