@@ -65,6 +65,7 @@ SEED = 0
 import torch
 
 from vlat.evaluate import retrieval
+from vlat.exercises import check, grade
 from vlat.explain import image_heatmap, loss_curve, scene_grid, similarity_heatmap, target_bars
 from vlat.models import build_model, load_model
 from vlat.objectives import distilled_targets, hard_negatives, itc_loss
@@ -148,7 +149,7 @@ for k in range(3):
 
 # %%
 onehot = torch.zeros_like(sim_i2t)
-onehot[:, :8] = torch.eye(8)
+onehot[:, :8] = torch.eye(8, device=onehot.device)
 with torch.no_grad():
     teacher = img_m @ text_all.t() / model.temp
 labels = [c[:18] for c in captions]
@@ -165,6 +166,51 @@ def show_alpha(alpha):
 
 
 widgets.interact(show_alpha, alpha=widgets.FloatSlider(value=0.4, min=0.0, max=1.0, step=0.05))
+
+# %% [markdown]
+# ### The loss with soft targets, derived
+# Row $i$ of the image-to-text logits is $s_{ij} = \langle v_i, t_j\rangle/\tau$ over the batch's and the
+# queue's captions. With a target distribution $q_i$ the loss is the cross-entropy $-\sum_j q_{ij}\log
+# \mathrm{softmax}(s_i)_j$. Its gradient with respect to the logits is $\mathrm{softmax}(s_i) - q_i$, so the
+# model is pulled towards exactly the target: with the one-hot $y$ (α = 0) all of the mass onto the paired
+# caption, with $q = \alpha\,\mathrm{softmax}(\tilde s_i) + (1-\alpha)\,y$ some of it onto the captions the
+# momentum model $\tilde s$ also finds plausible. ITC averages the image-to-text and the text-to-image losses.
+#
+# ### Your turn: write ITC with momentum distillation
+# Complete the lines marked `←`, from the features of sections 1 and 2; the check compares with vlat's
+# `itc_loss` at α = 0.4.
+#
+# **Predict before you run:** is the loss with α = 0.4 larger or smaller than with α = 0 on this untrained
+# model? (What does an untrained teacher's softmax look like?)
+
+# %%
+def my_itc(img, txt, image_all, text_all, img_m, txt_m, temp, alpha):
+    B = len(img)
+    sim_i2t = img @ text_all.t() / temp                                            # ← image-to-text logits
+    sim_t2i = txt @ image_all.t() / temp                                           # ← text-to-image logits
+    y = torch.zeros_like(sim_i2t)
+    y[:, :B] = torch.eye(B, device=y.device)                                       # the paired caption / image
+    q_i2t = alpha * (img_m @ text_all.t() / temp).softmax(1) + (1 - alpha) * y     # ← soft targets, image side
+    q_t2i = alpha * (txt_m @ image_all.t() / temp).softmax(1) + (1 - alpha) * y    # ← soft targets, text side
+    ce = lambda logits, q: -(q * logits.log_softmax(1)).sum(1).mean()              # ← soft cross-entropy
+    return (ce(sim_i2t, q_i2t) + ce(sim_t2i, q_t2i)) / 2
+
+
+with torch.no_grad():
+    mine = {a: my_itc(img, txt, image_all, text_all, img_m, txt_m, model.temp, a) for a in (0.0, 0.4)}
+    theirs = {a: itc_loss(img, txt, image_all, text_all, model.temp, alpha=a, image_m=img_m, text_m=txt_m)[0]
+              for a in (0.0, 0.4)}
+check("your ITC loss", {f"α={a}": v for a, v in mine.items()}, {f"α={a}": v for a, v in theirs.items()},
+      hint="q mixes the teacher's softmax with the one-hot; the loss averages both directions")
+
+# %% [markdown]
+# Answer: smaller here. Before any training the momentum copy *is* the model, so 40 % of the target is
+# the model's own softmax, and the cross-entropy of a softmax with itself is its entropy, the least a
+# cross-entropy can be. Only the one-hot part, 60 % of the target, is charged at the one-hot loss (which is
+# above ln(B + Q): the untrained model is confidently wrong, not uniform). The printed pair shows by how much.
+
+# %%
+print(f"ITC loss at α = 0: {theirs[0.0]:.4f}   at α = 0.4: {theirs[0.4]:.4f}")
 
 # %% [markdown]
 # ## 6 · Pre-train it
@@ -207,8 +253,8 @@ with torch.no_grad():
         im, _ = model.image_features(b["pixel_values"], momentum=True)
         tx, _ = model.text_features(b["input_ids"], b["attention_mask"], momentum=True)
         logits = im @ tx.t() / model.temp
-        own.append(distilled_targets(torch.eye(BATCH), logits, 0.4).diag())
-        teacher.append(logits.softmax(1).diag())
+        own.append(distilled_targets(torch.eye(BATCH, device=logits.device), logits, 0.4).diag().cpu())
+        teacher.append(logits.softmax(1).diag().cpu())
         noisy.append(torch.from_numpy(data.noisy[start:start + BATCH]))
 own, teacher, noisy = torch.cat(own), torch.cat(teacher), torch.cat(noisy)
 print(f"the momentum model's own probability for the paired caption: clean pairs {teacher[~noisy].mean():.3f}, "
@@ -242,3 +288,45 @@ scene_grid(test.images[:4], [" | ".join(pool[j] for j in row) for row in best.to
 pair = Collator(tok, "itm")([WorldDataset("itm", "test", 4, SEED)[0]])
 att = model.image_attention(pair)[0]
 image_heatmap(pair["pixel_values"][0], att, f"cross-attention of «{tok.decode(pair['input_ids'][0], skip_special_tokens=True)}»")
+
+# %% [markdown]
+# ## Exercises
+# Work each one out, type your answer in place of the value given (the solutions ship filled in;
+# `python -m vlat.exercises notebooks/06_albef.ipynb mine.ipynb` blanks them), and run the cell.
+#
+# **1.** A model that knows nothing gives every candidate the same logit. What is its ITC loss with the
+# batch of B = 8 and the queue of Q = 1,024 (one-hot targets)?
+
+# %%
+import math
+
+answer = math.log(8 + 1024)                                  # ← ln(B + Q)
+flat = torch.zeros(8, 8 + 1024)
+grade("1. the loss of a uniform guess", answer, -flat.log_softmax(1)[:, 0].mean())
+
+# %% [markdown]
+# **2.** With α = 0.4 and a teacher whose softmax over the paired caption is 0.5, what weight does the
+# distilled target give the paired caption? (And what does α do to a noisy pair whose teacher says 0.05?)
+
+# %%
+answer = 0.4 * 0.5 + 0.6 * 1.0                               # ← α · p_teacher + (1 - α) · 1
+teacher_logits = torch.tensor([[0.0, 0.0]])                 # two candidates, each 0.5
+grade("2. the distilled target's weight", answer, distilled_targets(torch.tensor([[1.0, 0.0]]), teacher_logits, 0.4)[0, 0])
+
+# %% [markdown]
+# **3.** The soft cross-entropy's gradient with respect to the logits is softmax(s) − q. For logits
+# s = (0, 0) and target q = (0.8, 0.2), what is it?
+
+# %%
+answer = [0.5 - 0.8, 0.5 - 0.2]                              # ← softmax(s) - q
+s_ = torch.zeros(1, 2, requires_grad=True)
+(-(torch.tensor([[0.8, 0.2]]) * s_.log_softmax(1)).sum()).backward()
+grade("3. the gradient at the logits", answer, s_.grad[0])
+
+# %% [markdown]
+# ## Recap and where to go next
+# ALBEF aligns two unimodal encoders with a contrastive loss against the batch and a queue of momentum
+# features, then fuses them with cross-attention trained on ITM (with hard negatives drawn from the ITC
+# similarities) and MLM. Momentum distillation replaces the one-hot target with a mix of it and the
+# momentum model's softmax, whose gradient pulls the model's softmax towards that softer target, and gives
+# noisy pairs less weight. Next: notebook 07 (VILLA) trains such models adversarially on both modalities.
