@@ -60,13 +60,19 @@ SEED = 0
 # %%
 import copy
 import json
+import math
 
 import torch
 
-from vlat.adversarial import PGD, VILLA, FreeLB
+import torch.nn.functional as F
+
+from vlat.adversarial import PGD, VILLA, FreeLB, Frozen, registry
+from vlat.adversarial.villa import task_kl
 from vlat.evaluate import accuracy, prediction_shift
+from vlat.exercises import check, grade
 from vlat.explain import ablation_bars, histograms, image_heatmap, patch_grid, token_bars, token_magnitudes
-from vlat.models import load_model
+from vlat.models import load_model, perturbed
+from vlat.objectives import symmetric_kl
 from vlat.resources import benchmark_results, checkpoint
 from vlat.train import StepContext, TrainConfig, train
 from vlat.world import Collator, WorldDataset, load_tokenizer
@@ -84,6 +90,16 @@ def context(m):
 
 
 # %% [markdown]
+# ## The two terms
+# VILLA's inner objective at a perturbation δ is
+# $$\mathcal{L}_{adv}(\delta) = L\big(f(x+\delta), y\big) + w\,\big[\mathrm{KL}(p(x+\delta)\Vert p(x)) +
+#   \mathrm{KL}(p(x)\Vert p(x+\delta))\big].$$
+# The first term is FreeLB's: the label must survive δ. The second is SMART's: the whole prediction must
+# stay where it was, label or not (notebook 05 derives it as a local smoothness penalty). As in FreeLB, δ
+# ascends this objective K times and every step's parameter gradient is kept (a 1/K share), so the model
+# is trained on both terms at K points. w = 0 is FreeLB exactly; the paper uses w = 1.5 and perturbs
+# one modality at a time (the mean of a text-only and an image-only forward).
+#
 # ## 1 · One VILLA step, inner step by inner step
 # Radii are stated as fractions of each site's norm (`calibrate`): a caption's word embeddings and an
 # image's patch features live on different scales. VILLA's reference starts δ at **zero** and does not
@@ -127,6 +143,63 @@ token_bars(tok.convert_ids_to_tokens(batch["input_ids"][k, :n].tolist()),
 # %%
 grid = patch_grid(deltas["image"], sites["image"], model.config.image_size, model.config.patch_size)
 image_heatmap(batch["pixel_values"][k], grid[k], "‖δ_image‖ per patch")
+
+# %% [markdown]
+# Try the two terms' balance and the modality yourself: the objective per inner step on the fixed model
+# (in CI the controls are only drawn).
+
+# %%
+import ipywidgets as widgets
+
+
+def show_villa(w, modality, K):
+    v = VILLA(modality=modality, kl_weight=w, steps=K, step_size=0.5, trace=True)
+    v.calibrate(model, batch, "itm", {"text": 0.05, "image": 0.05})
+    v.attack(model, batch, "itm")
+    for r in v.last_trace:
+        print(f"step {r['step']}: objective {r['loss']:.4f}   KL {r.get('kl', 0.0):.5f}")
+
+
+widgets.interact_manual(show_villa, w=widgets.FloatSlider(value=1.5, min=0.0, max=5.0, step=0.5, description="w"),
+                        modality=widgets.Dropdown(options=["both", "alternating", "text", "image"], value="both"),
+                        K=widgets.IntSlider(value=3, min=1, max=8, description="K"));
+
+# %% [markdown]
+# ### Your turn: write VILLA's objective, one modality at a time
+# Complete the lines marked `←`: for each modality, a forward with only that modality's δ, its task loss
+# and the symmetric KL to the clean prediction; the objective is the mean over the two forwards of
+# loss + w · KL. The check compares it with `VILLA.objective` at the δ its own attack found.
+#
+# **Predict before you run:** at those δ, is the KL term a large or a small part of the objective, with
+# w = 1.5?
+
+# %%
+def my_villa_objective(model, batch, deltas, clean_logits, w):
+    total = 0.0
+    for name in ("text", "image"):                                    # one modality at a time
+        with perturbed(model, {name: deltas[name]}, batch):
+            out = model(batch, "itm")                                 # ← the forward at x + δ (this modality)
+        kl = symmetric_kl(out.logits, clean_logits)                   # ← KL(p_adv‖p) + KL(p‖p_adv)
+        total = total + (out.loss + w * kl) / 2                       # ← both terms, averaged over the 2 forwards
+    return total
+
+
+model.eval()
+alt_check = VILLA(modality="alternating", kl_weight=1.5, steps=3, step_size=0.5)
+alt_check.calibrate(model, batch, "itm", {"text": 0.05, "image": 0.05})
+found = alt_check.attack(model, batch, "itm")
+run = Frozen(model, "itm")
+with torch.no_grad():
+    clean_logits = run.forward(batch).logits.float()
+    theirs = alt_check.objective(run, batch, found, clean_logits)
+    mine = my_villa_objective(model, batch, found, clean_logits, 1.5)
+check("your VILLA objective", mine, theirs, hint="average the two forwards' loss + w · KL")
+print(f"objective {float(theirs):.4f}, of which w · KL {1.5 * float(alt_check._kl):.4f}")
+
+# %% [markdown]
+# Answer: large. At the δ that VILLA's own ascent found, w · KL is about two thirds of the objective here
+# (the printed split). The ascent climbs both terms, and once δ moves the prediction the KL grows fast
+# (quadratically in that move), so it soon outweighs the label loss.
 
 # %% [markdown]
 # The paper recommends **one modality at a time**: `modality="alternating"` runs, at every inner
@@ -216,3 +289,40 @@ ablation_bars([r for name in order for r in runs if r["method"] == name], cols,
 #   the paper's *clean* gains do not appear at this scale;
 # - perturbing the image buys image robustness, perturbing the text buys text robustness;
 # - the KL term (VILLA vs FreeLB) changes nothing measurable here.
+#
+# ## Exercises
+# Work each one out, type your answer in place of the value given (the solutions ship filled in;
+# `python -m vlat.exercises notebooks/07_villa.ipynb mine.ipynb` blanks them), and run the cell.
+#
+# **1.** Section 1 trained one copy with VILLA at w = 0 and one with FreeLB, from the same seed. What is the
+# largest difference between their weights?
+
+# %%
+answer = 0.0                                                 # ← w = 0 removes the only difference
+grade("1. VILLA at w = 0", answer, float((copies[0] - copies[1]).abs().max()), tol=1e-6)
+
+# %% [markdown]
+# **2.** Clean logits (0, 0), attacked logits (ln 0.9, ln 0.1), true label 0, w = 1.5. What is VILLA's
+# objective? (Notebook 05's exercise computed this pair's symmetric KL: 0.8789.)
+
+# %%
+answer = -math.log(0.9) + 1.5 * 0.8789                       # ← CE at x + δ + w · symmetric KL
+clean_, adv_ = torch.tensor([[0.0, 0.0]]), torch.tensor([[0.9, 0.1]]).log()
+grade("2. VILLA's objective", answer, F.cross_entropy(adv_, torch.tensor([0])) + 1.5 * task_kl(adv_, clean_), tol=1e-3)
+
+# %% [markdown]
+# **3.** Passes per batch of VILLA with K = 3, both modalities in one forward (`modality="both"`), w = 0:
+# and with `modality="alternating"`, w = 0?
+
+# %%
+answer = [3, 6]                                              # ← [K, 2K]: alternating doubles the forwards
+grade("3. passes", answer, [registry.get("villa").passes(VILLA(modality=m, kl_weight=0.0, steps=3), 0.0)
+                            for m in ("both", "alternating")])
+
+# %% [markdown]
+# ## Recap and where to go next
+# VILLA is FreeLB's free loop with SMART's symmetric KL added to the inner objective, on text and image
+# embeddings, preferably one modality at a time. Every ascent step trains the model on both terms. On the
+# toy world it buys robustness to the modality it perturbs, for a few points of clean accuracy; the KL
+# term's effect is too small to measure here. Next: notebook 08 (R-Adapter) turns to robustness under
+# distribution shift, and notebook 10 runs these methods on a real CLIP.
