@@ -62,11 +62,12 @@ import torch
 import torch.nn.functional as F
 
 from vlat.evaluate import markdown_table, ood_table
+from vlat.exercises import check, grade
 from vlat.explain import ablation_bars, id_ood_scatter, ood_bars, target_bars
 from vlat.models import load_model
 from vlat.objectives import mpm_nce, mpm_targets
 from vlat.resources import benchmark_results, checkpoint
-from vlat.robust import adapters_of, add_adapters, merge_adapters, set_alpha, unmerge_adapters, wise_ft
+from vlat.robust import RAdapter, adapters_of, add_adapters, merge_adapters, set_alpha, unmerge_adapters, wise_ft
 from vlat.train import TrainConfig, train
 from vlat.world import Collator, WorldDataset, load_tokenizer
 
@@ -117,8 +118,11 @@ train(radapter, "classify", data, TrainConfig(epochs=EPOCHS, lr=1e-3, seed=SEED,
                                               objective="mpm_nce"), collate_fn=collate)   # MPM-NCE: section 4
 
 # %% [markdown]
-# Because the adapter is linear and follows a linear layer, $(I + sW_{adp})(Wx + b)$ folds into one
-# layer: **merging** costs nothing at inference and changes nothing in the output.
+# Because the adapter is linear and follows a linear layer, it folds into that layer. With
+# $y = Wx + b$ and the adapter $z = y + M y$, $M = \alpha\,s\,W_{adp}$ at inference,
+# $$z = (I + M)(Wx + b) = \underbrace{(I + M)W}_{W'}\,x + \underbrace{(I + M)\,b}_{b'}.$$
+# **Merging** replaces $(W, b)$ by $(W', b')$: it costs nothing at inference and changes nothing in the
+# output (up to rounding).
 
 # %%
 batch = collate([WorldDataset("classify", "test", 8, SEED)[i] for i in range(8)])
@@ -129,6 +133,29 @@ with torch.no_grad():
     after = radapter(batch, "classify").logits
     unmerge_adapters(radapter)
 print(f"max |merged - un-merged| = {(before - after).abs().max():.1e}")
+
+# %% [markdown]
+# ### Your turn: merge one adapter by hand
+# Complete the lines marked `←` for the first adapter: $M$ as inference uses it (`effective(True)`), then
+# $W'$ and $b'$. The check compares them with what `merge()` writes into the layer.
+#
+# **Predict before you run:** will your $W'$ equal `merge()`'s exactly, or only to rounding?
+
+# %%
+ad = adapters[0]
+with torch.no_grad():
+    M = ad.effective(True).float()                                          # ← α s W_adp (W̃ with the EMA)
+    eye = torch.eye(M.shape[0], device=M.device)
+    W_merged = (eye + M) @ ad.linear.weight.float()                         # ← (I + M) W
+    b_merged = (eye + M) @ ad.linear.bias.float()                           # ← (I + M) b
+    ad.merge()
+    merged = {"W": ad.linear.weight.clone(), "b": ad.linear.bias.clone()}
+    ad.unmerge()
+check("your merged layer", {"W": W_merged, "b": b_merged}, merged, atol=1e-6)
+
+# %% [markdown]
+# Answer: exactly here, since both compute the same products in the same order in float32. In another
+# order (first $MW$, then $W + MW$) the last bits can differ, which is why the check allows rounding.
 
 # %% [markdown]
 # ## 3 · The three ensembles, one at a time
@@ -229,3 +256,49 @@ ablation_bars([r for n in names for r in runs if r["method"] == n], ["id", "comp
 # held-out scene shows, full fine-tuning is the better model (0.97 vs 0.93), and without the
 # `composition` column, or on common corruptions, it leads the OOD mean. The lead above is a label
 # prior, not robustness.
+
+# %% [markdown]
+# ## Exercises
+# Work each one out, type your answer in place of the value given (the solutions ship filled in;
+# `python -m vlat.exercises notebooks/08_radapter.ipynb mine.ipynb` blanks them), and run the cell.
+#
+# **1.** A one-dimensional layer $y = 2x + 1$ with an adapter of scale s = 0.5 and weight $W_{adp} = 0.4$
+# (α = 1, no EMA). What are the merged $W'$ and $b'$?
+
+# %%
+answer = [(1 + 0.5 * 0.4) * 2, (1 + 0.5 * 0.4) * 1]           # ← [(1 + s W_adp) W, (1 + s W_adp) b]
+lin = torch.nn.Linear(1, 1)
+with torch.no_grad():
+    lin.weight.fill_(2.0), lin.bias.fill_(1.0)
+one = RAdapter(lin, drop=0.0, scale=0.5, ema=0.0).eval()
+with torch.no_grad():
+    one.weight.fill_(0.4)
+    one.merge()
+grade("1. the merged layer", answer, [float(one.linear.weight), float(one.linear.bias)])
+
+# %% [markdown]
+# **2.** WiSE-FT mixes a zero-shot weight of 1 with a fine-tuned weight of 3 at α = 0.25. The result?
+
+# %%
+answer = 0.75 * 1 + 0.25 * 3                                 # ← (1 - α) θ₀ + α θ₁
+zero_lin, tuned_lin = torch.nn.Linear(1, 1, bias=False), torch.nn.Linear(1, 1, bias=False)
+with torch.no_grad():
+    zero_lin.weight.fill_(1.0), tuned_lin.weight.fill_(3.0)
+grade("2. WiSE-FT", answer, float(wise_ft(zero_lin, tuned_lin, 0.25)["weight"]))
+
+# %% [markdown]
+# **3.** A batch of 4 pairs in which pairs 0 and 2 share a class, ε = 0.02. What is MPM-NCE's target
+# for row 0 (over the 4 pairs)?
+
+# %%
+answer = [0.49, 0.01, 0.49, 0.01]                            # ← (1 - ε)/2 on the two positives, ε/2 on the rest
+grade("3. MPM-NCE's target", answer, mpm_targets(torch.tensor([0, 1, 0, 2]), eps=0.02)[0])
+
+# %% [markdown]
+# ## Recap and where to go next
+# R-Adapter fine-tunes linear adapters after the attention output and the FFN of every block, with three
+# ensembles built in: dropping, an EMA of the weights, and rescaling by α (a WiSE-FT in weight space).
+# Being linear after a linear layer, each adapter folds into that layer: $W' = (I + M)W$, $b' = (I + M)b$,
+# so the adapted model costs what the zero-shot one costs. MPM-NCE lets several pairs share a label. On
+# the toy world its OOD lead turned out to be a label prior. Next: notebook 09 shows what a perturbation
+# does to one pair, and notebook 10 fine-tunes a real CLIP with R-Adapter and FreeLB.
