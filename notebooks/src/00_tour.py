@@ -132,3 +132,12 @@ ood_bars(rows, "zero-shot accuracy: ID and per shift")
 # Every shift costs accuracy, most of all the ones that change what the model relied on (colour
 # rendering, backgrounds). That gap is what the robust fine-tuning notebook (R-Adapter) works on, and
 # the adversarial notebooks ask the complementary question: how small a change flips a prediction?
+
+# %% [markdown]
+# ## Recap and where to go next
+# The toy world gives images and captions whose truth is known exactly, so every score is exact. A vlat
+# model is a real Hugging Face transformer behind one contract: a forward per task and named perturbation
+# sites (words, image regions, pixels) where δ is added. One call of `train` trains any model on any task,
+# and `ood_table` scores it in-distribution and under five shifts. Next: notebook 01 attacks a trained
+# model with one gradient step (FGSM, FGM), 02-07 go through the adversarial methods, 08 fine-tunes CLIP
+# robustly, 09 looks at one pair at a time, and 10 does it all with a real CLIP.

@@ -236,8 +236,9 @@ print(markdown_table(rows))
 # %%
 import math
 
-answer = [0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1),   # ← KL(p‖q)
-          0.9 * math.log(0.9 / 0.5) + 0.1 * math.log(0.1 / 0.5)]   # ← KL(q‖p)
+kl_pq = 0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1)       # ← KL(p‖q)
+kl_qp = 0.9 * math.log(0.9 / 0.5) + 0.1 * math.log(0.1 / 0.5)       # ← KL(q‖p)
+answer = [kl_pq, kl_qp]
 P, Q = torch.tensor([[0.5, 0.5]]).log(), torch.tensor([[0.9, 0.1]]).log()   # log-probabilities are logits
 grade("1. both KLs", answer, [kl_logits(P, Q), kl_logits(Q, P)])
 

@@ -162,3 +162,11 @@ widgets.interact_manual(show, pair=widgets.IntSlider(0, 0, len(pairs) - 1, descr
 
 # %% [markdown]
 # The same views with an upload box and a gallery: `vlat explore` (or `python -m vlat.apps.explorer`).
+
+# %% [markdown]
+# ## Recap and where to go next
+# One pair at a time: where δ goes (per patch, per token), where the model looks before and after
+# (attention rollout, cross-attention), how far the prediction moves (both KLs and their sum) and what
+# the clean prediction rests on (integrated gradients). The explorer app (`vlat explore`) shows the same
+# panels, adds uploads and compares two settings side by side. Next: notebook 10 takes the methods to a
+# real CLIP, or `docs/methods.md` for each method's math and defaults.
