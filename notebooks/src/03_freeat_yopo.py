@@ -62,7 +62,7 @@ import copy
 
 import torch
 
-from vlat.adversarial import PGD, YOPO, FreeAT, normalize_grad, project, registry
+from vlat.adversarial import PGD, YOPO, FreeAT, normalize_grad, project, registry, site_norms
 from vlat.evaluate import compare_training, markdown_table
 from vlat.exercises import check, grade
 from vlat.explain import ood_bars
@@ -182,6 +182,8 @@ test = WorldDataset("itm", "test", EVAL_SCENES, SEED)
 attack = {"PGD-10 (image, eps 2)": PGD(sites=("image",), eps=2.0, step_size=0.5, steps=10)}
 CKPT = checkpoint("single_stream_tiny_itm")
 build = lambda: load_model(CKPT).to(DEVICE)
+norm = site_norms(build(), batch, "itm")["image"]
+print(f"ε = 2 on the image regions is {100 * 2 / norm:.1f} % of their norm ({norm:.0f}) per scene")
 rows = compare_training({"clean": None, "PGD-3": PGD(sites=("image",), eps=2.0, step_size=0.7, steps=3),
                          "YOPO m=3 n=3": YOPO(sites=("image",), norm="l2", eps=2.0, step_size=0.5, outer=3, inner=3)},
                         build, "itm", data, test, attack, TrainConfig(epochs=EPOCHS, lr=3e-4, seed=SEED, progress=False))

@@ -58,7 +58,7 @@ SEED = 0
 # %%
 import torch
 
-from vlat.adversarial import PGD, FreeLB, per_example_norm, registry
+from vlat.adversarial import PGD, FreeLB, per_example_norm, registry, site_norms
 from vlat.evaluate import compare_training, markdown_table
 from vlat.exercises import check, grade
 from vlat.explain import ood_bars, token_bars, token_magnitudes
@@ -170,6 +170,8 @@ print(f"same masks: {a:.4f} vs {b:.4f}   new masks: {c:.4f}")
 
 # %%
 CKPT = checkpoint("single_stream_tiny_itm")
+norm = site_norms(load_model(CKPT).to(DEVICE), batch, "itm")["text"]
+print(f"ε = 0.3 on the words is {100 * 0.3 / norm:.0f} % of a caption's embedding norm ({norm:.2f})")
 data = WorldDataset("itm", "train", TRAIN_SCENES, SEED)
 test = WorldDataset("itm", "test", EVAL_SCENES, SEED)
 attack = {"PGD-10 (text, eps 0.3)": PGD(sites=("text",), eps=0.3, step_size=0.075, steps=10)}
