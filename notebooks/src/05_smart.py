@@ -63,7 +63,10 @@ SEED = 0
 # %%
 import torch
 
+import torch.nn.functional as F
+
 from vlat.adversarial import LLR, PGD, SMART, TRADES, Frozen
+from vlat.adversarial.trades import trades_loss
 from vlat.evaluate import compare_training, markdown_table
 from vlat.exercises import check, grade
 from vlat.explain import ood_bars
@@ -216,6 +219,30 @@ deltas = trades.attack(model, batch, "itm")
 with torch.no_grad(), perturbed(model, deltas, batch):
     adv_logits = model(batch, "itm").logits
 print(f"KL(p‖p_adv) = {kl_logits(clean_logits, adv_logits):.4f}   KL(p_adv‖p) = {kl_logits(adv_logits, clean_logits):.4f}")
+
+# %% [markdown]
+# ### Your turn: write TRADES' outer loss
+# Complete the lines marked `←`: the natural cross-entropy on $x$ plus β times $\mathrm{KL}(p(x)\Vert p(x+\delta))$,
+# with the gradient flowing through **both** sides of the KL. The check compares the value and the gradient
+# with respect to the clean logits with vlat's `trades_loss`; a detached clean side would show there.
+
+# %%
+def my_trades_loss(clean_logits, adv_logits, labels, beta):
+    ce = F.cross_entropy(clean_logits, labels)                               # ← the natural loss on x
+    p_log, q_log = clean_logits.log_softmax(-1), adv_logits.log_softmax(-1)
+    kl = (p_log.exp() * (p_log - q_log)).sum(-1).mean()                      # ← KL(p(x) ‖ p(x + δ))
+    return ce + beta * kl                                                    # ← TRADES' outer loss
+
+
+labels = batch["labels"].to(DEVICE)
+results = {}
+for name, fn in (("mine", lambda c, a: my_trades_loss(c, a, labels, 6.0)),
+                 ("vlat", lambda c, a: trades_loss(F.cross_entropy(c, labels), c, a, 6.0))):
+    c = clean_logits.float().clone().requires_grad_(True)
+    loss = fn(c, adv_logits.float())
+    (grad,) = torch.autograd.grad(loss, c)
+    results[name] = {"loss": loss.detach(), "∇ clean logits": grad}
+check("your TRADES loss", results["mine"], results["vlat"], hint="keep the gradient through p(x) in the KL")
 
 # %%
 rows = {"clean": rows["clean"], **compare_training({
