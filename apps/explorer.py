@@ -69,6 +69,8 @@ TRY = """**What to try**
   the same pair.
 """
 
+CSS = ".stale { opacity: 0.35; transition: opacity 0.15s; }"   # earlier results while new ones are computed
+
 COMPARE = """### Compare two settings on this pair
 Setting A is the one above (method, perturb, ε, steps). Choose B and press **Compare**: where each δ went,
 the prediction under each, and each one's objective per ascent step (one point for a one-step method).
@@ -357,12 +359,14 @@ def build_app(pairs: list[tuple[str, str]] | None = None, allow=()) -> gr.Blocks
         upload_box.upload(upload, upload_box, [preview, image, status], api_name="upload")
         gr.api(pick, api_name="pair")
         # while a pair runs: Perturb is disabled and says so, the page scrolls to the results, and the last
-        # results stay (dimmed by Gradio) until the new ones arrive
-        busy = go.click(lambda: gr.update(interactive=False, value="Perturbing ..."), None, go, queue=False)
+        # results stay, greyed (the "stale" class), until the new ones arrive
+        plots = [perturbation, tokens, attention, confidence, attribution]
+        busy = go.click(lambda: [gr.update(interactive=False, value="Perturbing ..."),
+                                 *[gr.update(elem_classes=["stale"])] * len(plots)], None, [go, *plots], queue=False)
         busy.then(run, [image, caption, model_choice, hub_id, method, modality, eps, steps, step_size],
-                  [status, perturbation, tokens, attention, confidence, attribution, numbers], api_name="explore",
-                  scroll_to_output=True, show_progress="minimal").then(
-            lambda: gr.update(interactive=True, value="Perturb"), None, go, queue=False)
+                  [status, *plots, numbers], api_name="explore", scroll_to_output=True, show_progress="minimal").then(
+            lambda: [gr.update(interactive=True, value="Perturb"), *[gr.update(elem_classes=[])] * len(plots)],
+            None, [go, *plots], queue=False)
         busy_b = compare_go.click(lambda: gr.update(interactive=False, value="Comparing ..."), None, compare_go,
                                   queue=False)
         busy_b.then(compare, [image, caption, model_choice, hub_id, method, modality, eps, steps, step_size, method_b,
@@ -381,7 +385,8 @@ def launch(host: str = "127.0.0.1", port: int = 7860, allow=(), **kw) -> gr.Bloc
         print(warning, file=sys.stderr)
     app = build_app(allow=allow)
     app.queue(default_concurrency_limit=1, max_size=64)
-    app.launch(server_name=host, server_port=port, share=False, show_error=False, allowed_paths=[str(SAMPLES)], **kw)
+    app.launch(server_name=host, server_port=port, share=False, show_error=False, allowed_paths=[str(SAMPLES)],
+               css=CSS, **kw)
     return app
 
 

@@ -228,9 +228,12 @@ def test_a_person_in_a_browser_runs_every_model_family_and_compares_two_methods(
         page.get_by_label("Thumbnail 3 of 24").click()                 # the third pair
         text = gallery_pairs()[2][1]
         page.wait_for_function("(c) => document.querySelector('#caption textarea').value === c", arg=text)
-        page.evaluate("""() => { window.seen = [];            // every status line shown, however briefly
+        page.evaluate("""() => { window.seen = []; window.greyed = [];   // every status line and panel class shown
             new MutationObserver(() => window.seen.push(document.querySelector('#status').innerText))
-                .observe(document.querySelector('#status'), {subtree: true, childList: true, characterData: true}); }""")
+                .observe(document.querySelector('#status'), {subtree: true, childList: true, characterData: true});
+            const plot = document.querySelector('#plot-perturbation');
+            new MutationObserver(() => window.greyed.push(plot.classList.contains('stale')))
+                .observe(plot, {attributes: true, attributeFilter: ['class']}); }""")
         choose(page, "#method", "VILLA")
         page.wait_for_function("() => document.querySelector('#method-note').innerText.includes('Gan et al. 2020')")
         choose(page, "#method", "PGD")
@@ -239,13 +242,16 @@ def test_a_person_in_a_browser_runs_every_model_family_and_compares_two_methods(
         page.locator("#modality").get_by_label("both").check()
         for family, model in (("single-stream", SS), ("CLIP", CLIP), ("ALBEF", ALBEF)):
             choose(page, "#model", model)
-            page.evaluate("() => { window.seen = []; }")
+            page.evaluate("() => { window.seen = []; window.greyed = []; }")
             page.locator("#run").click()
             page.wait_for_function("""() => window.seen.some((s) => s.includes('⏳')) && (() => {
                 const s = document.querySelector('#status')?.innerText || '';
                 return s.includes('PGD on both') && !s.includes('⏳'); })()""", timeout=60_000)
             seen = page.evaluate("() => window.seen")
             assert any("⏳" in s and "attacking" in s for s in seen), (family, seen)        # progress by phase
+            page.wait_for_function("() => !document.querySelector('#plot-perturbation').classList.contains('stale')")
+            if family != "single-stream":                  # earlier results were greyed while the new ones ran
+                assert True in page.evaluate("() => window.greyed"), family
             for panel in PANELS:
                 page.locator(f"#plot-{panel} .js-plotly-plot").first.wait_for(timeout=30_000)
                 assert len(page.locator(f"#explain-{panel}").inner_text()) > 40
@@ -262,6 +268,11 @@ def test_a_person_in_a_browser_runs_every_model_family_and_compares_two_methods(
             if family == "single-stream":
                 page.screenshot(path=str(shots["explorer.png"]), full_page=True)
         assert "What to try" in page.locator("#what-to-try").inner_text()
+        page.evaluate("() => document.querySelector('#plot-perturbation').classList.add('stale')")
+        page.wait_for_timeout(400)                         # its 0.15 s fade
+        opacity = page.evaluate("() => getComputedStyle(document.querySelector('#plot-perturbation')).opacity")
+        page.evaluate("() => document.querySelector('#plot-perturbation').classList.remove('stale')")
+        assert float(opacity) < 0.5                        # the page's style greys a stale panel
 
         choose(page, "#method-b", "FGSM")                               # compare: A = PGD (above), B = FGSM
         page.locator("#modality-b").get_by_label("both").check()
