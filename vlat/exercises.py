@@ -72,7 +72,8 @@ def grade(label: str, answer, expected, tol: float = 1e-3, hint: str = "") -> bo
     if a.shape != b.shape:
         print(f"✗ {label}: an answer of shape {tuple(a.shape)}, expected {tuple(b.shape)}")
         return False
-    ok = bool(((a - b).abs() <= tol * torch.clamp(b.abs(), min=1.0)).all())
+    close = ((a - b).abs() <= tol * torch.clamp(b.abs(), min=1.0)).flatten()
+    ok = bool(close.all())
     shown = f"{float(a):.4g}" if a.numel() == 1 else str([round(v, 4) for v in a.flatten().tolist()][:8])
     if ok:
         print(f"✓ {label}: {shown}")
@@ -80,7 +81,7 @@ def grade(label: str, answer, expected, tol: float = 1e-3, hint: str = "") -> bo
         if b.numel() == 1:
             print(f"✗ {label}: {shown} is not {float(b):.4g}" + (f". Hint: {hint}" if hint else ""))
         else:
-            wrong = [i for i, ok in enumerate(((a - b).abs() <= tol * torch.clamp(b.abs(), min=1.0)).flatten()) if not ok]
+            wrong = [i for i, c in enumerate(close.tolist()) if not c]
             print(f"✗ {label}: {shown} is wrong at entry {', '.join(map(str, wrong[:5]))}" +
                   (f". Hint: {hint}" if hint else ""))
     return ok

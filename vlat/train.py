@@ -389,7 +389,7 @@ def train(model: VLModel, task: str, train_data, config: TrainConfig | None = No
                 bar.set_postfix(loss=f"{state.losses[-1]:.4f}", **{k: f"{v:.3f}" for k, v in evaluate().items()})
             if config.save_every and state.step % config.save_every == 0:
                 checkpoint()
-            if state.step >= total and state.batch_in_epoch < len(range(0, last, config.batch_size)):
+            if state.step >= total and state.batch_in_epoch < per_epoch:
                 break                                   # max_steps mid-epoch: no end-of-epoch evaluation
         else:
             state.epoch += 1

@@ -80,7 +80,7 @@ from vlat.resources import checkpoint
 from vlat.robust import add_adapters, adapters_of, bake_adapters, set_alpha
 from vlat.train import TrainConfig, train
 from vlat.world import CLASS_NAMES, ClassFolderDataset, Collator, WorldDataset, load_tokenizer
-from vlat.world.corruptions import corrupt, corrupted
+from vlat.world.corruptions import corrupt, corrupted, to_uint8
 from vlat.world.hub import hub_classes
 
 torch.manual_seed(SEED)
@@ -127,8 +127,7 @@ print(f"{len(train_set)} training and {len(test_set)} test images of {len(train_
 scene_grid(train_set.images[:8], [train_set.class_names[y] for y in train_set.labels[:8]])
 
 # %%
-first = test_set.images[:1]
-first = first if first.dtype == torch.uint8 else (first * 255).round().to(torch.uint8)
+first = to_uint8(test_set.images[:1])
 scene_grid(torch.cat([first] + [corrupt(first, name, 3) for name in SHIFTS]), ["clean", *SHIFTS], cols=6, size=150)
 
 # %% [markdown]

@@ -35,14 +35,18 @@ def patch_grid(delta: torch.Tensor, site: PerturbationSite, image_size: int, pat
     return mags.view(-1, n, n)
 
 
+def numbered(tokens: list[str]) -> list[str]:
+    """``0. [CLS]``, ``1. a``, ...: token labels for a chart's axis, unique even when a word occurs twice."""
+    return [f"{k}. {w}" for k, w in enumerate(tokens)]
+
+
 def token_bars(tokens: list[str], magnitudes, title: str = "‖δ‖ per token"):
     """Bars of δ's size on each word (padding already dropped by the caller), one row per token in
     reading order, so that the words never run into each other on a narrow screen."""
     import plotly.graph_objects as go
 
     m = [float(v) for v in magnitudes]
-    labels = [f"{k}. {w}" for k, w in enumerate(tokens)]      # numbered: a word may occur twice
-    fig = go.Figure(go.Bar(y=labels, x=m, orientation="h", hovertemplate="%{y}: %{x:.4f}<extra></extra>"))
+    fig = go.Figure(go.Bar(y=numbered(tokens), x=m, orientation="h", hovertemplate="%{y}: %{x:.4f}<extra></extra>"))
     fig.update_layout(title=title, xaxis_title="‖δ‖₂", yaxis=dict(autorange="reversed", automargin=True),
                       height=max(260, 90 + 18 * len(tokens)), margin=dict(l=5, r=5, t=40, b=5))
     fig.update_xaxes(nticks=5)

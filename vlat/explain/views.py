@@ -6,7 +6,7 @@ import torch
 
 from vlat.explain.figures import image_array
 from vlat.explain.pair import Exploration
-from vlat.explain.perturbation import magnify
+from vlat.explain.perturbation import magnify, numbered
 
 HEIGHT = 300
 
@@ -78,6 +78,25 @@ def outcome_order(ex: Exploration, top: int = 5) -> list[int]:
     return [0] + [i for i in ranked if i != 0][:top - 1]
 
 
+def probability_bars(fig, ex: Exploration, order: list[int], series, row: int) -> None:
+    """Add horizontal bars of the outcomes ``order`` of ``ex`` to subplot ``row`` (column 1), one bar per
+    ``(name, probabilities, colour)`` of ``series``: wrapped labels, the full outcome on hover."""
+    import plotly.graph_objects as go
+
+    labels = [wrap(ex.names[i]) for i in order]
+    for name, probs, colour in series:
+        fig.add_trace(go.Bar(name=name, y=labels, x=[float(probs[i]) for i in order], orientation="h",
+                             marker_color=colour, hovertext=[ex.names[i] for i in order],
+                             hovertemplate="%{hovertext}: %{x:.3f}<extra>" + name + "</extra>"), row=row, col=1)
+    fig.update_xaxes(range=[0, 1], row=row, col=1)
+    fig.update_yaxes(autorange="reversed", automargin=True, row=row, col=1)
+
+
+def label_lines(ex: Exploration, order: list[int]) -> int:
+    """Lines the wrapped labels of outcomes ``order`` take (a figure sizes its rows from it)."""
+    return sum(wrap(ex.names[i]).count("<br>") + 1 for i in order)
+
+
 def confidence_figure(ex: Exploration, top: int = 5):
     """Probabilities before and after δ (the outcomes as wrapped labels, the user's caption always among
     them and never cut; hover for the full text) and, under them, KL(p‖p_adv), KL(p_adv‖p) and their sum
@@ -86,21 +105,16 @@ def confidence_figure(ex: Exploration, top: int = 5):
     from plotly.subplots import make_subplots
 
     order = outcome_order(ex, top)
-    names = [wrap(ex.names[i]) for i in order]
-    lines = sum(n.count("<br>") + 1 for n in names)
+    lines = label_lines(ex, order)
     fig = make_subplots(rows=2, cols=1, row_heights=[max(2, lines), 3], vertical_spacing=0.2,
                         subplot_titles=("probability before and after δ", "KL divergence"))
-    for label, probs, colour in (("clean", ex.probs_clean, "#4C78A8"), ("attacked", ex.probs_adv, "#E45756")):
-        fig.add_trace(go.Bar(name=label, y=names, x=[float(probs[i]) for i in order], orientation="h",
-                             marker_color=colour, hovertext=[ex.names[i] for i in order],
-                             hovertemplate="%{hovertext}<br>" + label + " %{x:.3f}<extra></extra>"), row=1, col=1)
+    probability_bars(fig, ex, order, (("clean", ex.probs_clean, "#4C78A8"), ("attacked", ex.probs_adv, "#E45756")), 1)
     kl = list(ex.kl.values())
     fig.add_trace(go.Bar(y=["KL(p‖p_adv)", "KL(p_adv‖p)", "symmetric"], x=kl, orientation="h", marker_color="#72B7B2",
                          showlegend=False, text=[f"{v:.3f}" for v in kl], textposition="outside", cliponaxis=False,
                          hovertemplate="%{y} %{x:.4f}<extra></extra>"), row=2, col=1)
-    fig.update_xaxes(range=[0, 1], row=1, col=1)
     fig.update_xaxes(range=[0, 1.3 * max(kl + [1e-3])], row=2, col=1)
-    fig.update_yaxes(autorange="reversed", automargin=True)
+    fig.update_yaxes(autorange="reversed", automargin=True, row=2, col=1)
     fig.update_layout(barmode="group", height=170 + 20 * lines + 110, margin=dict(l=5, r=5, t=60, b=5),
                       legend=dict(orientation="h", yanchor="bottom", y=1.06, x=0))
     return fig
@@ -130,7 +144,7 @@ def attribution_figure(ex: Exploration):
     t = [float(v) for v in ex.ig_tokens]
     fig = make_subplots(rows=1, cols=3, column_widths=[0.4, 0.3, 0.3], horizontal_spacing=0.08,
                         subplot_titles=("tokens", "image", "patches"))
-    fig.add_trace(go.Bar(y=[f"{k}. {w}" for k, w in enumerate(ex.tokens)], x=t, orientation="h", showlegend=False,
+    fig.add_trace(go.Bar(y=numbered(ex.tokens), x=t, orientation="h", showlegend=False,
                          marker_color=["#D62728" if v > 0 else "#1F77B4" for v in t],
                          hovertemplate="%{y}: %{x:.4f}<extra></extra>"), row=1, col=1)
     fig.update_yaxes(autorange="reversed", automargin=True, tickfont_size=11, row=1, col=1)
@@ -161,8 +175,7 @@ def comparison_figure(a: Exploration, b: Exploration):
 
     names = (setting(a), setting(b))
     order = outcome_order(a, 4)
-    labels = [wrap(a.names[i]) for i in order]
-    lines = sum(n.count("<br>") + 1 for n in labels)
+    lines = label_lines(a, order)
     fig = make_subplots(rows=3, cols=2, specs=[[{}, {}], [{"colspan": 2}, None], [{"colspan": 2}, None]],
                         row_heights=[4, max(3, lines), 3], vertical_spacing=0.09, horizontal_spacing=0.06,
                         subplot_titles=("A: ‖δ‖ per patch", "B: ‖δ‖ per patch", "prediction", "objective per step"))
@@ -177,13 +190,8 @@ def comparison_figure(a: Exploration, b: Exploration):
         fig.update_yaxes(autorange="reversed", scaleanchor=f"x{col}", row=1, col=col)
     for col in (1, 2):
         fig.update_xaxes(visible=False, row=1, col=col).update_yaxes(visible=False, row=1, col=col)
-    for label, probs, colour in (("clean", a.probs_clean, "#4C78A8"), (f"A: {names[0]}", a.probs_adv, "#E45756"),
-                                 (f"B: {names[1]}", b.probs_adv, "#F58518")):
-        fig.add_trace(go.Bar(name=label, y=labels, x=[float(probs[i]) for i in order], orientation="h",
-                             marker_color=colour, hovertext=[a.names[i] for i in order], legendgroup=label,
-                             hovertemplate="%{hovertext}: %{x:.3f}<extra>" + label + "</extra>"), row=2, col=1)
-    fig.update_xaxes(range=[0, 1], row=2, col=1)
-    fig.update_yaxes(autorange="reversed", automargin=True, row=2, col=1)
+    probability_bars(fig, a, order, (("clean", a.probs_clean, "#4C78A8"), (f"A: {names[0]}", a.probs_adv, "#E45756"),
+                                     (f"B: {names[1]}", b.probs_adv, "#F58518")), 2)
     for ex, name, colour in ((a, "A", "#E45756"), (b, "B", "#F58518")):
         ys = ex.losses or [float("nan")]
         fig.add_trace(go.Scatter(x=list(range(1, len(ys) + 1)), y=ys, mode="lines+markers", line_color=colour,

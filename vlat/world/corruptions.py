@@ -55,6 +55,11 @@ def check_corruption(name: str, severity: int) -> None:
         raise ValueError(f"corruption severity must be one of 1-5, got {severity!r}")
 
 
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Float images in [0, 1] as uint8 (rounded; out-of-range values clipped); uint8 images as they are."""
+    return images if images.dtype == torch.uint8 else (images.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
 def corrupt(images: torch.Tensor, name: str, severity: int, seed: int = 0) -> torch.Tensor:
     """``images`` (``[N, 3, H, W]`` uint8) with corruption ``name`` at ``severity`` (1-5), as uint8."""
     check_corruption(name, severity)
@@ -77,7 +82,7 @@ def corrupt(images: torch.Tensor, name: str, severity: int, seed: int = 0) -> to
         "pixelate": lambda: _pixelate(x, int(c)),
         "fog": lambda: _fog(x, c, g),
     }[name]()
-    return (out.clamp(0, 1) * 255).round().to(torch.uint8)
+    return to_uint8(out)
 
 
 def corrupted(dataset, name: str, severity: int, seed: int = 0):
@@ -87,11 +92,8 @@ def corrupted(dataset, name: str, severity: int, seed: int = 0):
     import copy
 
     out = copy.copy(dataset)
-    images = dataset.images
-    if images.dtype == torch.uint8:
-        out.images = corrupt(images, name, severity, seed)
-    else:
-        out.images = corrupt((images.clamp(0, 1) * 255).round().to(torch.uint8), name, severity, seed).float() / 255.0
+    images = corrupt(to_uint8(dataset.images), name, severity, seed)
+    out.images = images if dataset.images.dtype == torch.uint8 else images.float() / 255.0
     return out
 
 

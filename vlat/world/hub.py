@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from vlat.world.corruptions import to_uint8
 from vlat.world.folder import ClassFolderDataset, FolderDataset, held_out, image_to_tensor
 
 CAPTION_COLUMNS = ("caption", "captions", "text", "sentences", "sentence")
@@ -119,7 +120,7 @@ def _classes(ds, image_column: str, label_column: str, image_size: int, per_clas
         if len(rows.setdefault(y, [])) < per_class:
             rows[y].append(i)
     keep = sorted(i for idx in rows.values() for i in idx)
-    images = torch.stack([(image_to_tensor(_image(ds[i][image_column], name, i), image_size) * 255).round().to(torch.uint8)
+    images = torch.stack([to_uint8(image_to_tensor(_image(ds[i][image_column], name, i), image_size))
                           for i in keep])                   # 8 bits a channel: a quarter of the memory of floats
     return ClassFolderDataset.from_images(images, [labels[i] for i in keep], class_names, template, root=f"hf:{name}")
 
