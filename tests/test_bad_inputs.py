@@ -71,6 +71,14 @@ def refused(capsys, argv, *words):
     (["--seed", "-1"], ["seed"]),
     (["--grad-accum", "0"], ["grad-accum"]),
     (["--grad-accum", "3"], ["grad-accum"]),                      # 16 does not split into 3 parts
+    (["--workers", "-1"], ["workers"]),
+    (["--workers", "1000"], ["workers"]),
+    (["--radapter"], ["radapter", "clip"]),                          # R-Adapter adapts a CLIP only
+    (["--radapter", "--adapter-rank", "0"], ["adapter-rank"]),
+    (["--radapter", "--adapter-alpha", "1.5"], ["adapter-alpha"]),
+    (["--radapter", "--adapter-ema", "1"], ["adapter-ema"]),
+    (["--radapter", "--adapter-ema", "-0.1"], ["adapter-ema"]),
+    (["--adapter-alpha", "0.5"], ["--radapter"]),                    # an R-Adapter setting without R-Adapter
     (["--model-overrides", "not json"], ["model-overrides"]),
     (["--model-overrides", "[1, 2]"], ["model-overrides"]),
     (["--model-overrides", '{"hidden_size": -4}'], ["hidden_size"]),
