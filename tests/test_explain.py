@@ -183,3 +183,21 @@ def test_comparison_figure_puts_both_settings_side_by_side(model_tok, scene_png)
     lines = [t for t in fig.data if t.type == "scatter"]
     assert [len(t.y) for t in lines] == [3, 1]                          # PGD's 3 steps, FGSM's one
 
+
+
+def test_nearest_tokens_reads_a_text_delta_back_as_words(model_tok):
+    """δ = 0 leaves every word itself; δ = E[v] - E[w] at one position turns that word into v exactly."""
+    from conftest import make_batch
+    from vlat.explain.perturbation import nearest_tokens
+
+    model, tok = model_tok
+    batch = make_batch("itm", n=2)
+    site = model.perturbation_sites()["text"]
+    ids = batch["input_ids"]
+    zero = torch.zeros(*ids.shape, site.module.weight.shape[1])
+    assert nearest_tokens(site, ids, zero, tok) == [tok.convert_ids_to_tokens(row.tolist()) for row in ids]
+    v = tok.convert_tokens_to_ids("square")
+    swap = zero.clone()
+    swap[0, 1] = site.module.weight[v].detach() - site.module.weight[ids[0, 1]].detach()
+    words = nearest_tokens(site, ids, swap, tok)
+    assert words[0][1] == "square" and words[0][2:] == tok.convert_ids_to_tokens(ids[0, 2:].tolist())
